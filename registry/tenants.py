@@ -1,0 +1,220 @@
+"""Tenants, their API keys and their render usage, in SQL through SQLAlchemy.
+
+A key is `bf-<key_id>-<secret>`. Only `sha256(salt || secret)` is stored; lookups go by `key_id`
+and the digest is compared in constant time. SQLite by default, any SQLAlchemy URL (Postgres)
+by configuration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+_KEY = re.compile(r"^bf-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$")
+_DUMMY_SALT = b"\0" * 16
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    images_per_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(12), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    salt: Mapped[bytes] = mapped_column(LargeBinary(16))
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RenderRow(Base):
+    """One accepted render request: usage for quotas and the audit trail of stored objects."""
+
+    __tablename__ = "renders"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, index=True
+    )
+    images: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(255))
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    created_at: dt.datetime
+    images_per_hour: int | None
+    active_keys: int
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    tenant_id: str
+    key_id: str
+    key: str  # the plaintext key: shown once, never stored
+
+
+class TenantError(ValueError):
+    """A tenant operation was refused (bad name, duplicate, unknown tenant or key)."""
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url` with the schema created. SQLite gets WAL and a busy timeout so that
+    the CLI and the API can share the file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class TenantDirectory:
+    """Create tenants, issue and revoke keys, authenticate requests, count usage."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> TenantDirectory:
+        return cls(make_engine(url))
+
+    def _issue_key(self, session: Session, tenant_id: str) -> IssuedKey:
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        session.add(
+            ApiKeyRow(id=key_id, tenant_id=tenant_id, salt=salt, digest=_digest(salt, secret))
+        )
+        return IssuedKey(tenant_id, key_id, f"bf-{key_id}-{secret}")
+
+    def create_tenant(self, name: str, images_per_hour: int | None = None) -> IssuedKey:
+        if not TENANT_NAME.match(name):
+            raise TenantError(
+                f"tenant name {name!r} must match [a-z0-9][a-z0-9-]{{1,62}} "
+                "(lowercase letters, digits, dashes; 2-63 characters)"
+            )
+        if images_per_hour is not None and images_per_hour < 1:
+            raise TenantError("images_per_hour must be >= 1 (or unset for no quota)")
+        try:
+            with Session(self.engine) as s, s.begin():
+                s.add(TenantRow(id=name, images_per_hour=images_per_hour))
+                s.flush()
+                return self._issue_key(s, name)
+        except IntegrityError as e:
+            raise TenantError(f"tenant {name!r} already exists") from e
+
+    def add_key(self, tenant_id: str) -> IssuedKey:
+        with Session(self.engine) as s, s.begin():
+            if s.get(TenantRow, tenant_id) is None:
+                raise TenantError(f"no tenant {tenant_id!r}")
+            return self._issue_key(s, tenant_id)
+
+    def revoke_key(self, key_id: str) -> str:
+        """Revoke a key by its id (the 12 hex characters after `bf-`); returns its tenant."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise TenantError(f"no key {key_id!r}")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+            return row.tenant_id
+
+    def list_tenants(self) -> list[Tenant]:
+        with Session(self.engine) as s:
+            active = (
+                select(ApiKeyRow.tenant_id, func.count().label("n"))
+                .where(ApiKeyRow.revoked_at.is_(None))
+                .group_by(ApiKeyRow.tenant_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(TenantRow, func.coalesce(active.c.n, 0))
+                .outerjoin(active, active.c.tenant_id == TenantRow.id)
+                .order_by(TenantRow.id)
+            ).all()
+            return [Tenant(t.id, t.created_at, t.images_per_hour, int(n)) for t, n in rows]
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        return next((t for t in self.list_tenants() if t.id == tenant_id), None)
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The tenant id a key belongs to, or None. Same work whether or not the key exists."""
+        m = _KEY.match(key or "")
+        key_id, secret = (m.group(1), m.group(2)) if m else ("", "")
+        row = None
+        if m:
+            with Session(self.engine) as s:
+                row = s.get(ApiKeyRow, key_id)
+        salt, expected = (row.salt, row.digest) if row else (_DUMMY_SALT, b"\0" * 32)
+        ok = hmac.compare_digest(_digest(salt, secret), expected)
+        if ok and row is not None and row.revoked_at is None:
+            return row.tenant_id
+        return None
+
+    def images_in_last_hour(self, tenant_id: str) -> int:
+        since = _now() - dt.timedelta(hours=1)
+        with Session(self.engine) as s:
+            n = s.scalar(
+                select(func.coalesce(func.sum(RenderRow.images), 0)).where(
+                    RenderRow.tenant_id == tenant_id, RenderRow.created_at >= since
+                )
+            )
+            return int(n or 0)
+
+    def record_render(self, render_id: str, tenant_id: str, images: int, base_model: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(
+                RenderRow(id=render_id, tenant_id=tenant_id, images=images, base_model=base_model)
+            )
+
+    def count_renders(self, tenant_id: str | None = None) -> int:
+        with Session(self.engine) as s:
+            q = select(func.count()).select_from(RenderRow)
+            if tenant_id:
+                q = q.where(RenderRow.tenant_id == tenant_id)
+            return int(s.scalar(q) or 0)
