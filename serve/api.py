@@ -1,0 +1,123 @@
+"""The HTTP API (FastAPI): authentication, body limits and thin routes over the feature services.
+
+`create_api` builds the app from its services, so the same app runs inside the Ray Serve ingress
+deployment and, for tests or a Ray-less box, under plain uvicorn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from registry.base_models import BaseModelInfo
+from registry.storage import ObjectStore
+from registry.tenants import TenantDirectory
+from serve.errors import APIError, error_response, install_error_handlers
+from serve.images import ImageService
+from serve.protocol import ImageGenerationRequest
+
+
+@dataclass
+class ApiServices:
+    model: BaseModelInfo
+    tenants: TenantDirectory
+    store: ObjectStore
+    images: ImageService
+    max_request_bytes: int
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    pass
+
+
+class BodySizeLimit:
+    """Refuse bodies over `max_bytes` with 413, by Content-Length up front or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> str:
+        return f"request body exceeds the limit of {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(413, self._too_large(), None, "request_too_large")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge(413, self._too_large())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def authenticated_tenant(request: Request) -> str:
+    """The tenant of the request's bearer key; 401 without a valid, unrevoked key."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(
+            401,
+            "missing API key: send it as the header 'Authorization: Bearer <key>' "
+            "(create one with `brandfarm tenants create NAME`)",
+            code="missing_api_key",
+        )
+    services: ApiServices = request.app.state.services
+    tenant = services.tenants.authenticate(key.strip())
+    if tenant is None:
+        raise APIError(401, "incorrect or revoked API key", code="invalid_api_key")
+    return tenant
+
+
+Tenant = Annotated[str, Depends(authenticated_tenant)]
+
+
+def create_api(services: ApiServices) -> FastAPI:
+    app = FastAPI(title="brandfarm", version="0.1.0")
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=services.max_request_bytes)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        if not services.store.ping():
+            return error_response(503, "object store unreachable", None, "storage_unavailable")
+        return JSONResponse({"status": "ok", "model": services.model.id})
+
+    @app.get("/v1/models")
+    def list_models(_: Tenant) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": services.model.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "brandfarm",
+                    "revision": services.model.revision,
+                }
+            ],
+        }
+
+    @app.post("/v1/images/generations")
+    async def generate_images(body: ImageGenerationRequest, tenant: Tenant) -> dict:
+        return (await services.images.generate(tenant, body)).to_dict()
+
+    return app

@@ -1,0 +1,185 @@
+"""Request and response shapes of the render API, and the job the engine receives.
+
+OpenAI Images API compatible (`/v1/images/generations`) with brandfarm extensions. Limits that
+depend on the farm's settings and its base model are checked by `RenderLimits.check`, which
+names the field and the limit in every error. No torch here: the ingress imports this.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry.base_models import BaseModelInfo
+from registry.settings import Settings
+from serve.errors import InvalidField
+
+MAX_SEED = 2**32 - 1
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of `POST /v1/images/generations`. Unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw.")
+    n: int = Field(1, description="How many images (1..max_images_per_request).")
+    size: str | None = Field(None, description="`WxH`; default is the model's native size.")
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="`url` (presigned, stored object) or `b64_json` (inline PNG)."
+    )
+    model: str | None = Field(None, description="Base model id; default is the farm's.")
+    negative_prompt: str | None = Field(None, description="What not to draw.")
+    seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i.")
+    steps: int | None = Field(None, description="Denoising steps; default from the model.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    user: str | None = Field(None, max_length=256, description="OpenAI's end-user id; recorded.")
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One validated render, as the engine receives it. Image i is rendered from seeds[i]."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    png: bytes
+    seed: int
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """The bounds a request is checked against: the farm's settings and its base model's rules."""
+
+    model: BaseModelInfo
+    max_prompt_chars: int
+    max_images: int
+    max_steps: int
+    max_guidance_scale: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: BaseModelInfo) -> RenderLimits:
+        return cls(
+            model=model,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_images=settings.max_images_per_request,
+            max_steps=settings.max_steps,
+            max_guidance_scale=settings.max_guidance_scale,
+        )
+
+    def _size(self, size: str | None) -> tuple[int, int]:
+        m = self.model
+        if size is None:
+            return m.native_size, m.native_size
+        match = _SIZE.match(size)
+        if not match:
+            raise InvalidField("size", f"size must look like '512x512' (WxH), got {size!r}")
+        w, h = int(match.group(1)), int(match.group(2))
+        for side in (w, h):
+            if side < m.size_multiple or side > m.max_side or side % m.size_multiple:
+                raise InvalidField(
+                    "size",
+                    f"size {size!r}: width and height must be multiples of {m.size_multiple} "
+                    f"between {m.size_multiple} and {m.max_side} for model {m.id!r}",
+                )
+        return w, h
+
+    def check(
+        self, req: ImageGenerationRequest, rng: secrets.SystemRandom | None = None
+    ) -> RenderJob:
+        """Validate every field against its limit and build the engine job (seeds drawn here)."""
+        m = self.model
+        if not req.prompt.strip():
+            raise InvalidField("prompt", "prompt must not be empty")
+        if len(req.prompt) > self.max_prompt_chars:
+            raise InvalidField(
+                "prompt",
+                f"prompt is {len(req.prompt)} characters; the limit is {self.max_prompt_chars}",
+            )
+        if req.negative_prompt is not None and len(req.negative_prompt) > self.max_prompt_chars:
+            raise InvalidField(
+                "negative_prompt",
+                f"negative_prompt is {len(req.negative_prompt)} characters; "
+                f"the limit is {self.max_prompt_chars}",
+            )
+        if not 1 <= req.n <= self.max_images:
+            raise InvalidField("n", f"n must be between 1 and {self.max_images}, got {req.n}")
+        if req.model is not None and req.model != m.id:
+            raise InvalidField(
+                "model",
+                f"model {req.model!r} is not served here; available: {m.id!r}",
+                status=404,
+                code="model_not_found",
+            )
+        steps = m.default_steps if req.steps is None else req.steps
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidField(
+                "steps", f"steps must be between 1 and {self.max_steps}, got {steps}"
+            )
+        guidance = m.default_guidance_scale if req.guidance_scale is None else req.guidance_scale
+        if not 0 <= guidance <= self.max_guidance_scale:
+            raise InvalidField(
+                "guidance_scale",
+                f"guidance_scale must be between 0 and {self.max_guidance_scale}, got {guidance}",
+            )
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise InvalidField("seed", f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
+        width, height = self._size(req.size)
+        if req.seed is None:
+            rng = rng or secrets.SystemRandom()
+            seeds = tuple(rng.randint(0, MAX_SEED) for _ in range(req.n))
+        else:
+            seeds = tuple((req.seed + i) % (MAX_SEED + 1) for i in range(req.n))
+        return RenderJob(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance,
+            seeds=seeds,
+        )
+
+
+@dataclass
+class ImageData:
+    seed: int
+    url: str | None = None
+    b64_json: str | None = None
+
+    def to_dict(self) -> dict:
+        d: dict = {"seed": self.seed}
+        if self.url is not None:
+            d["url"] = self.url
+        if self.b64_json is not None:
+            d["b64_json"] = self.b64_json
+        return d
+
+
+@dataclass
+class ImagesResponse:
+    id: str
+    created: int
+    model: str
+    data: list[ImageData] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "created": self.created,
+            "model": self.model,
+            "data": [d.to_dict() for d in self.data],
+        }
