@@ -1,0 +1,1 @@
+"""Registry: the system of record (settings, object storage, tenants, base models)."""

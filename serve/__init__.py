@@ -1,0 +1,1 @@
+"""Serve: the HTTP API, the diffusion engine and the Ray Serve application."""

@@ -1,0 +1,1 @@
+"""Cluster: bringing a farm up and down, and the `brandfarm` command line."""

@@ -1,0 +1,167 @@
+"""The `brandfarm` command line: bring a farm up and down, manage tenants, run the demo."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from cluster.processes import StackError
+from cluster.stack import LocalStack
+from registry.base_models import BaseModelError
+from registry.settings import Settings, load_settings
+from registry.storage import StorageError
+from registry.tenants import TenantDirectory, TenantError
+
+app = typer.Typer(help="brandfarm: a multi-tenant text-to-image render farm.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in p['loc']) or 'settings'}: {p['msg']}" for p in e.errors()
+        )
+        err.print(f"[red]invalid settings[/red]: {problems}")
+        raise typer.Exit(2) from e
+    except FileNotFoundError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+
+
+def _fail(e: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {e}")
+    return typer.Exit(1)
+
+
+def _progress(msg: str) -> None:
+    console.print(f"[dim]•[/dim] {msg}")
+
+
+def _tenants(settings: Settings) -> TenantDirectory:
+    settings.state_path.mkdir(parents=True, exist_ok=True)
+    return TenantDirectory.from_url(settings.resolved_database_url)
+
+
+@app.command()
+def up(
+    address: Annotated[
+        str | None, typer.Option(help="Deploy on this existing Ray cluster (ray address).")
+    ] = None,
+    redeploy: Annotated[
+        bool, typer.Option(help="Redeploy the Serve app even if it already answers.")
+    ] = False,
+) -> None:
+    """Start the farm (idempotent): object store, MLflow, Ray head, the Serve app."""
+    settings = _settings(ray_address=address)
+    try:
+        s = LocalStack(settings, _progress).up(redeploy=redeploy)
+    except (StackError, StorageError, BaseModelError) as e:
+        raise _fail(e) from e
+    console.print(f"[bold green]brandfarm is up[/bold green] (state in {s.state_dir})")
+    console.print(f"  API               {s.api_url}/v1")
+    console.print(f"  MLflow dashboard  {s.resolved_mlflow_uri}")
+    console.print(
+        f"  Ray dashboard     {s.ray_dashboard_url if not s.ray_address else s.ray_address}"
+    )
+    console.print(f"  object store      {s.resolved_s3_endpoint} (bucket {s.s3_bucket})")
+
+
+@app.command()
+def down() -> None:
+    """Stop what `up` started (by recorded PIDs); all data stays in the state directory."""
+    stopped = LocalStack(_settings()).down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Show each component and whether it answers."""
+    rows = LocalStack(_settings()).status()
+    table = Table("component", "url", "managed", "pid", "answers")
+    for r in rows:
+        ok = "[green]yes[/green]" if r.answers else "[red]no[/red]"
+        table.add_row(r.name, r.url, "embedded" if r.managed else "external", str(r.pid or "-"), ok)
+    console.print(table)
+    if not all(r.answers for r in rows):
+        raise typer.Exit(1)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="Tenant id: [a-z0-9][a-z0-9-]{1,62}.")],
+    images_per_hour: Annotated[
+        int | None, typer.Option(help="Hourly image quota (default: none).")
+    ] = None,
+) -> None:
+    """Create a tenant and print its first API key (shown once, only a hash is stored)."""
+    try:
+        issued = _tenants(_settings()).create_tenant(name, images_per_hour)
+    except TenantError as e:
+        raise _fail(e) from e
+    console.print(f"tenant [bold]{issued.tenant_id}[/bold] created; key id {issued.key_id}")
+    console.print("API key (shown once, store it now):")
+    print(issued.key)
+
+
+@tenants_app.command("add-key")
+def tenants_add_key(name: Annotated[str, typer.Argument(help="Tenant id.")]) -> None:
+    """Issue another API key for a tenant (shown once)."""
+    try:
+        issued = _tenants(_settings()).add_key(name)
+    except TenantError as e:
+        raise _fail(e) from e
+    console.print(f"new key for [bold]{name}[/bold]; key id {issued.key_id}")
+    print(issued.key)
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """List tenants with their active key count and quota."""
+    table = Table("tenant", "created", "active keys", "images/hour")
+    for t in _tenants(_settings()).list_tenants():
+        quota = str(t.images_per_hour) if t.images_per_hour else "-"
+        table.add_row(t.id, t.created_at.isoformat(timespec="seconds"), str(t.active_keys), quota)
+    console.print(table)
+
+
+@tenants_app.command("revoke-key")
+def tenants_revoke_key(
+    key_id: Annotated[str, typer.Argument(help="Key id (the 12 hex characters after 'bf-').")],
+) -> None:
+    """Revoke an API key; requests with it get 401 from then on."""
+    try:
+        tenant = _tenants(_settings()).revoke_key(key_id)
+    except TenantError as e:
+        raise _fail(e) from e
+    console.print(f"key {key_id} of tenant {tenant} revoked")
+
+
+@app.command()
+def demo(
+    tenant: Annotated[str, typer.Option(help="Tenant the demo renders for.")] = "demo",
+) -> None:
+    """Bring the farm up, render a few prompts through the HTTP API, write a contact sheet."""
+    from cluster.demo import run_demo
+
+    settings = _settings()
+    try:
+        run_demo(settings, tenant, console)
+    except (StackError, StorageError, BaseModelError, TenantError) as e:
+        raise _fail(e) from e
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

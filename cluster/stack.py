@@ -1,0 +1,298 @@
+"""The embedded local stack: object store, MLflow server, Ray head and the Serve application.
+
+`LocalStack(settings).up()` starts, idempotently, every component not configured as external,
+under the state directory; `down()` stops what `up` started (by recorded PIDs) and keeps data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from cluster.processes import ManagedProcess, ProcessSpec, StackError
+from registry.base_models import BaseModelInfo, ensure_base_model
+from registry.settings import Settings, child_env
+from registry.storage import ObjectStore
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    url: str
+    managed: bool  # runs in the embedded stack (False: external, configured by URL)
+    pid: int | None
+    answers: bool
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _bin(name: str) -> str:
+    """An executable of this environment (the venv's `ray`, `rclone`, `mlflow`)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise StackError(f"`{name}` not found next to {sys.executable} or on PATH; reinstall")
+    return found
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+        self.settings = settings.model_copy(update={"state_dir": settings.state_path})
+        self.state = self.settings.state_dir
+        self.progress = progress or (lambda _msg: None)
+
+    # --- credentials ------------------------------------------------------------------------
+    @property
+    def credentials_file(self) -> Path:
+        return self.state / "credentials.json"
+
+    def _embedded_credentials(self, create: bool) -> dict[str, str] | None:
+        if self.credentials_file.exists():
+            return json.loads(self.credentials_file.read_text())
+        if not create:
+            return None
+        self.state.mkdir(parents=True, exist_ok=True)
+        creds = {
+            "s3_access_key": "bf" + secrets.token_hex(8),
+            "s3_secret_key": secrets.token_urlsafe(30),
+        }
+        fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+        return creds
+
+    def resolved_settings(self, create: bool = False) -> Settings:
+        """Settings with absolute paths and the embedded store's credentials filled in."""
+        if self.settings.s3_endpoint:
+            return self.settings
+        creds = self._embedded_credentials(create)
+        if creds is None:
+            return self.settings
+        return self.settings.model_copy(update={k: SecretStr(v) for k, v in creds.items()})
+
+    # --- components -------------------------------------------------------------------------
+    def _s3(self, s: Settings) -> ManagedProcess:
+        data = self.state / "objects"
+        key = f"{s.s3_access_key.get_secret_value()},{s.s3_secret_key.get_secret_value()}"
+        argv = [
+            _bin("rclone"),
+            "serve",
+            "s3",
+            str(data),
+            "--addr",
+            f"{s.host}:{s.s3_port}",
+            "--etag-hash",
+            "auto",
+            "--config",
+            "/dev/null",
+        ]
+        store = ObjectStore.from_settings(s)
+        # The key pair goes through the environment, not argv, so `ps` does not show it;
+        # CSV-quoted because rclone splits list-valued env vars on commas.
+        env = child_env({"RCLONE_AUTH_KEY": f'"{key}"'})
+        spec = ProcessSpec("s3", argv, s.s3_port, "s3_port", store.ping, env=env)
+        data.mkdir(parents=True, exist_ok=True)
+        return ManagedProcess(spec, self.state, s.host)
+
+    def _mlflow(self, s: Settings) -> ManagedProcess:
+        argv = [
+            _bin("mlflow"),
+            "server",
+            "--host",
+            s.host,
+            "--port",
+            str(s.mlflow_port),
+            "--backend-store-uri",
+            s.resolved_mlflow_backend_uri,
+            "--artifacts-destination",
+            f"s3://{s.mlflow_artifacts_bucket}",
+            "--serve-artifacts",
+            "--workers",
+            "1",
+        ]
+        env = child_env(
+            {
+                "MLFLOW_S3_ENDPOINT_URL": s.resolved_s3_endpoint,
+                "AWS_ACCESS_KEY_ID": s.s3_access_key.get_secret_value(),
+                "AWS_SECRET_ACCESS_KEY": s.s3_secret_key.get_secret_value(),
+                "AWS_DEFAULT_REGION": s.s3_region,
+            }
+        )
+        probe = lambda: http_ok(f"{s.resolved_mlflow_uri}/health")  # noqa: E731
+        spec = ProcessSpec("mlflow", argv, s.mlflow_port, "mlflow_port", probe, env=env)
+        return ManagedProcess(spec, self.state, s.host)
+
+    def _ray(self, s: Settings) -> ManagedProcess:
+        argv = [
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            s.host,
+            "--port",
+            str(s.ray_gcs_port),
+            "--dashboard-host",
+            s.host,
+            "--dashboard-port",
+            str(s.ray_dashboard_port),
+            "--ray-client-server-port",
+            str(s.ray_client_port),
+            "--dashboard-agent-listen-port",
+            str(s.ray_dashboard_agent_port),
+            "--num-cpus",
+            str(s.ray_num_cpus or os.cpu_count() or 1),
+            "--object-store-memory",
+            str(s.ray_object_store_mb * 1024 * 1024),
+            "--disable-usage-stats",
+        ]
+        probe = lambda: http_ok(f"{s.ray_dashboard_url}/api/version")  # noqa: E731
+        spec = ProcessSpec(
+            "ray",
+            argv,
+            s.ray_gcs_port,
+            "ray_gcs_port",
+            probe,
+            env=child_env({"RAY_USAGE_STATS_ENABLED": "0"}),
+            extra_ports={
+                "ray_dashboard_port": s.ray_dashboard_port,
+                "ray_client_port": s.ray_client_port,
+                "ray_dashboard_agent_port": s.ray_dashboard_agent_port,
+            },
+        )
+        return ManagedProcess(spec, self.state, s.host)
+
+    def _components(self, s: Settings) -> list[ManagedProcess]:
+        out = []
+        if not s.s3_endpoint:
+            out.append(self._s3(s))
+        if not s.mlflow_tracking_uri:
+            out.append(self._mlflow(s))
+        if not s.ray_address:
+            out.append(self._ray(s))
+        return out
+
+    def ray_address(self, s: Settings) -> str:
+        return s.ray_address or f"{s.host}:{s.ray_gcs_port}"
+
+    # --- up / down / status -----------------------------------------------------------------
+    def base_model(self, s: Settings) -> BaseModelInfo:
+        return ensure_base_model(s.base_model, self.state / "models", s.max_image_side)
+
+    def up(self, redeploy: bool = False) -> Settings:
+        """Start everything not external; returns the resolved settings the farm runs with."""
+        s = self.resolved_settings(create=True)
+        (self.state / "logs").mkdir(parents=True, exist_ok=True)
+        for component in self._components(s):
+            self.progress(f"starting {component.spec.name} on port {component.spec.port}")
+            started = component.start(s.startup_timeout_s)
+            self.progress(f"{component.spec.name}: {'started' if started else 'already running'}")
+            if component.spec.name == "s3":
+                store = ObjectStore.from_settings(s)
+                store.ensure_bucket(s.s3_bucket)
+                store.ensure_bucket(s.mlflow_artifacts_bucket)
+        self.progress(f"base model {s.base_model}")
+        model = self.base_model(s)
+        if redeploy or not self._api_serves(s, model):
+            self.progress("deploying the Serve application (loads the model on each replica)")
+            self._deploy(s, model)
+        self.progress(f"API answering at {s.api_url}")
+        return s
+
+    def _api_serves(self, s: Settings, model: BaseModelInfo) -> bool:
+        try:
+            with urllib.request.urlopen(f"{s.api_url}/healthz", timeout=2) as resp:
+                return json.loads(resp.read()).get("model") == model.id
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _deploy(self, s: Settings, model: BaseModelInfo) -> None:
+        import ray
+        from ray import serve
+
+        from serve.app import APP_NAME, build_app
+
+        ray.init(address=self.ray_address(s), logging_level="ERROR", log_to_driver=False)
+        try:
+            serve.start(http_options={"host": s.host, "port": s.api_port})
+            serve.run(build_app(s, model), name=APP_NAME, route_prefix="/", blocking=False)
+            deadline = time.monotonic() + s.startup_timeout_s
+            while not self._api_serves(s, model):
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"the Serve application did not answer at {s.api_url}/healthz within "
+                        f"{s.startup_timeout_s:.0f}s; see the Ray dashboard "
+                        f"{s.ray_dashboard_url} (Serve tab) for replica errors"
+                    )
+                time.sleep(1)
+        finally:
+            ray.shutdown()
+
+    def down(self) -> list[str]:
+        """Stop what `up` started (reverse order); data stays. Returns the names stopped."""
+        s = self.resolved_settings()
+        stopped = []
+        if s.ray_address:  # external cluster: remove our app, leave the cluster alone
+            import ray
+            from ray import serve
+
+            from serve.app import APP_NAME
+
+            ray.init(address=s.ray_address, logging_level="ERROR", log_to_driver=False)
+            try:
+                serve.delete(APP_NAME)
+                stopped.append("serve-app")
+            finally:
+                ray.shutdown()
+        for component in reversed(self._components_for_stop(s)):
+            if component.stop():
+                stopped.append(component.spec.name)
+        return stopped
+
+    def _components_for_stop(self, s: Settings) -> list[ManagedProcess]:
+        # Without credentials (never started) there is nothing recorded to stop.
+        if s.s3_access_key is None:
+            return []
+        return self._components(s)
+
+    def status(self) -> list[ComponentStatus]:
+        s = self.resolved_settings()
+        rows = []
+        managed = {c.spec.name: c for c in self._components_for_stop(s)}
+
+        def row(name: str, url: str, answers: bool) -> ComponentStatus:
+            comp = managed.get(name)
+            return ComponentStatus(
+                name, url, comp is not None, comp and comp.recorded_pid(), answers
+            )
+
+        s3_ok = s.s3_access_key is not None and ObjectStore.from_settings(s).ping()
+        rows.append(row("s3", s.resolved_s3_endpoint, s3_ok))
+        rows.append(
+            row("mlflow", s.resolved_mlflow_uri, http_ok(f"{s.resolved_mlflow_uri}/health"))
+        )
+        ray_url = s.ray_address or s.ray_dashboard_url
+        rows.append(row("ray", ray_url, http_ok(f"{s.ray_dashboard_url}/api/version")))
+        api = row("api", s.api_url, http_ok(f"{s.api_url}/healthz"))
+        # The API is the Serve app on Ray: embedded exactly when Ray is.
+        rows.append(ComponentStatus(api.name, api.url, not s.ray_address, None, api.answers))
+        return rows
