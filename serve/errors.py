@@ -76,12 +76,14 @@ def error_response(
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first_param = [], None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            first_param = first_param or "body"
+            parts.append("body: the request body is not valid JSON")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
         param = ".".join(loc) or "body"
         first_param = first_param or param
-        if err.get("type") == "json_invalid":
-            parts.append("body: the request body is not valid JSON")
-        elif err.get("type") == "missing":
+        if err.get("type") == "missing":
             parts.append(f"{param}: this field is required")
         else:
             parts.append(f"{param}: {err.get('msg')}")

@@ -1,0 +1,92 @@
+"""Shared fixtures: one embedded farm per test session (real rclone S3, MLflow, Ray, Serve)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.stack import LocalStack
+from registry.settings import Settings
+from registry.storage import ObjectStore
+from registry.tenants import TenantDirectory
+
+PORT_FIELDS = (
+    "api_port",
+    "s3_port",
+    "mlflow_port",
+    "ray_gcs_port",
+    "ray_dashboard_port",
+    "ray_client_port",
+    "ray_dashboard_agent_port",
+)
+
+
+def free_ports(n: int) -> list[int]:
+    """Distinct free loopback ports from the OS's ephemeral range (outside Ray's worker range)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def farm_settings(state_dir: Path, **overrides: object) -> Settings:
+    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
+    return Settings(
+        state_dir=state_dir,
+        startup_timeout_s=300,
+        ray_num_cpus=2,
+        **ports,
+        **overrides,
+    )
+
+
+@dataclass
+class Farm:
+    stack: LocalStack
+    settings: Settings  # resolved: absolute state dir, credentials
+
+    @property
+    def store(self) -> ObjectStore:
+        return ObjectStore.from_settings(self.settings)
+
+    @property
+    def tenants(self) -> TenantDirectory:
+        return TenantDirectory.from_url(self.settings.resolved_database_url)
+
+    @property
+    def api(self) -> str:
+        return f"{self.settings.api_url}/v1"
+
+    def new_tenant(self, name: str, **kw: object) -> str:
+        return self.tenants.create_tenant(name, **kw).key
+
+    def http(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.api, headers=headers, timeout=300)
+
+    def all_objects(self) -> list[str]:
+        return sorted(o.key for o in self.store.list(""))
+
+    def restart(self) -> None:
+        self.stack.down()
+        self.settings = self.stack.up()
+
+
+@pytest.fixture(scope="session")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    stack = LocalStack(farm_settings(tmp_path_factory.mktemp("farm") / "state"))
+    try:
+        settings = stack.up()
+        yield Farm(stack, settings)
+    finally:
+        stack.down()

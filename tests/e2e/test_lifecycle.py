@@ -1,0 +1,88 @@
+"""up → render → down → up: every object, tenant and MLflow run is found again; up is idempotent."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from registry.storage import ObjectStore
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli_env(farm) -> dict[str, str]:
+    s = farm.settings
+    env = {
+        f"BRANDFARM_{f.upper()}": str(getattr(s, f)) for f in type(s).model_fields if "port" in f
+    }
+    env["BRANDFARM_STATE_DIR"] = str(s.state_dir)
+    return env
+
+
+def test_credentials_file_is_private(farm):
+    creds = farm.stack.credentials_file
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert set(json.loads(creds.read_text())) == {"s3_access_key", "s3_secret_key"}
+
+
+def test_cli_status_and_second_up_is_idempotent(farm):
+    runner = CliRunner()
+    env = _cli_env(farm)
+    result = runner.invoke(app, ["status"], env=env)
+    assert result.exit_code == 0, result.output
+    for name in ("s3", "mlflow", "ray", "api"):
+        assert name in result.output
+    pids = {c.name: c.pid for c in farm.stack.status()}
+    again = runner.invoke(app, ["up"], env=env)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already running") == 3
+    assert {c.name: c.pid for c in farm.stack.status()} == pids
+
+
+def test_down_then_up_finds_objects_tenants_and_runs(farm, tmp_path):
+    key = farm.new_tenant("persist-co")
+    with farm.http(key) as c:
+        r = c.post("/images/generations", json={"prompt": "a red circle", "seed": 3})
+    assert r.status_code == 200, r.text
+    render_id = r.json()["id"]
+    obj = f"tenants/persist-co/renders/{render_id}/0.png"
+    before = farm.store.get_bytes(obj)
+
+    # An MLflow run with an artifact proxied through the server into the object store.
+    mlflow.set_tracking_uri(farm.settings.resolved_mlflow_uri)
+    exp = mlflow.set_experiment("persist-co")
+    (tmp_path / "note.txt").write_text("kept")
+    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+        mlflow.log_metric("loss", 0.5)
+        mlflow.log_artifact(str(tmp_path / "note.txt"))
+
+    stopped = farm.stack.down()
+    assert set(stopped) == {"s3", "mlflow", "ray"}
+    assert not any(c.answers for c in farm.stack.status())
+    farm.settings = farm.stack.up()
+
+    assert farm.store.get_bytes(obj) == before
+    with farm.http(key) as c:  # the tenant and its key survived
+        assert c.get("/models").status_code == 200
+    client = mlflow.MlflowClient(farm.settings.resolved_mlflow_uri)
+    again = client.get_run(run.info.run_id)
+    assert again.data.metrics["loss"] == 0.5
+    local = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "kept"
+    # The artifact lives in the farm's own object store (the MLflow bucket), not on local disk.
+    mlflow_bucket = ObjectStore(
+        farm.settings.resolved_s3_endpoint,
+        farm.settings.s3_access_key.get_secret_value(),
+        farm.settings.s3_secret_key.get_secret_value(),
+        farm.settings.mlflow_artifacts_bucket,
+        farm.settings.s3_region,
+    )
+    assert any(
+        o.key.endswith(f"{run.info.run_id}/artifacts/note.txt") for o in mlflow_bucket.list("")
+    )

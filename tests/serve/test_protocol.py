@@ -1,0 +1,68 @@
+"""Request limits: every field checked against settings and the model, errors naming both."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from registry.base_models import BaseModelInfo
+from registry.settings import Settings
+from serve.errors import InvalidField
+from serve.protocol import MAX_SEED, ImageGenerationRequest, RenderLimits
+
+MODEL = BaseModelInfo(
+    id="m",
+    path="/x",
+    revision="r",
+    native_size=64,
+    size_multiple=8,
+    max_side=256,
+    default_steps=10,
+    default_guidance_scale=5.0,
+)
+LIMITS = RenderLimits.from_settings(Settings(), MODEL)
+
+
+def check(**fields):
+    return LIMITS.check(ImageGenerationRequest(prompt=fields.pop("prompt", "a cat"), **fields))
+
+
+def test_defaults_come_from_the_model():
+    job = check(seed=7, n=3)
+    assert (job.width, job.height, job.steps, job.guidance_scale) == (64, 64, 10, 5.0)
+    assert job.seeds == (7, 8, 9)
+
+
+def test_seed_wraps_and_random_seeds_are_drawn():
+    assert check(seed=MAX_SEED, n=2).seeds == (MAX_SEED, 0)
+    job = LIMITS.check(ImageGenerationRequest(prompt="a", n=4), rng=random.Random(0))
+    assert len(set(job.seeds)) == 4 and all(0 <= s <= MAX_SEED for s in job.seeds)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"prompt": ""}, "prompt", "empty"),
+        ({"prompt": "x" * 1001}, "prompt", "limit is 1000"),
+        ({"n": 5}, "n", "between 1 and 4"),
+        ({"size": "64"}, "size", "WxH"),
+        ({"size": "64x60"}, "size", "multiples of 8"),
+        ({"size": "0x0"}, "size", "between 8 and 256"),
+        ({"size": "264x264"}, "size", "between 8 and 256"),
+        ({"steps": 0}, "steps", "between 1 and 100"),
+        ({"guidance_scale": 31}, "guidance_scale", "between 0 and 30"),
+        ({"seed": MAX_SEED + 1}, "seed", "between 0 and"),
+        ({"model": "other"}, "model", "not served"),
+    ],
+)
+def test_limits_name_field_and_bound(fields, param, fragment):
+    with pytest.raises(InvalidField) as e:
+        check(**fields)
+    assert e.value.param == param and fragment in e.value.message
+    assert e.value.status == (404 if param == "model" else 400)
+
+
+def test_valid_sizes():
+    job = check(size="128x64")
+    assert (job.width, job.height) == (128, 64)
