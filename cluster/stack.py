@@ -191,6 +191,14 @@ class LocalStack:
             out.append(self._ray(s))
         return out
 
+    def component(self, name: str) -> ManagedProcess:
+        """The embedded component called `name` (s3, mlflow, ray)."""
+        s = self.resolved_settings()
+        for c in self._components_for_stop(s):
+            if c.spec.name == name:
+                return c
+        raise StackError(f"no embedded component {name!r} (external, or never started)")
+
     def ray_address(self, s: Settings) -> str:
         return s.ray_address or f"{s.host}:{s.ray_gcs_port}"
 
