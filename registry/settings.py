@@ -121,6 +121,19 @@ class Settings(BaseSettings):
     max_inflight_per_tenant: int = Field(
         8, ge=1, description="Renders one tenant may have in flight at once (429 above)."
     )
+    # --- fine-tune dataset limits (uploads are zips of images + captions) --------------------
+    dataset_max_upload_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest dataset upload, in bytes (413 above)."
+    )
+    dataset_max_uncompressed_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="Largest total uncompressed size of a dataset zip."
+    )
+    dataset_max_entries: int = Field(10_000, ge=2, description="Most entries in a dataset zip.")
+    dataset_min_images: int = Field(4, ge=1, description="Fewest images a dataset may hold.")
+    dataset_max_images: int = Field(2_000, ge=1, description="Most images a dataset may hold.")
+    dataset_min_image_side: int = Field(32, ge=1, description="Smallest image width/height.")
+    dataset_max_image_side: int = Field(4096, ge=1, description="Largest image width/height.")
+    dataset_max_caption_chars: int = Field(1000, ge=1, description="Longest caption.")
     startup_timeout_s: float = Field(
         180.0, gt=0, description="How long `up` waits for each component to answer."
     )

@@ -159,6 +159,21 @@ class ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def verify(self, key: str, sha256: str) -> None:
+        """Re-read the stored object and check its sha256; `StorageError` if it differs."""
+        resp = self._call(f"get {key}", self._client.get_object, self.bucket, key)
+        h = hashlib.sha256()
+        try:
+            for chunk in resp.stream(1 << 20):
+                h.update(chunk)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise StorageError(f"verify {key}: read failed: {e}") from e
+        finally:
+            resp.close()
+            resp.release_conn()
+        if h.hexdigest() != sha256:
+            raise StorageError(f"verify {key}: stored sha256 {h.hexdigest()} != {sha256}")
+
     def stat(self, key: str) -> ObjectInfo:
         st = self._call(f"stat {key}", self._client.stat_object, self.bucket, key)
         meta = {k.lower(): v for k, v in (st.metadata or {}).items()}

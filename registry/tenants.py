@@ -14,38 +14,22 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import (
-    DateTime,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    create_engine,
-    event,
-    func,
-    select,
-)
+from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from registry.db import Base, make_engine, utcnow
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _KEY = re.compile(r"^bf-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$")
 _DUMMY_SALT = b"\0" * 16
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
 class TenantRow(Base):
     __tablename__ = "tenants"
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     images_per_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
@@ -55,7 +39,7 @@ class ApiKeyRow(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     salt: Mapped[bytes] = mapped_column(LargeBinary(16))
     digest: Mapped[bytes] = mapped_column(LargeBinary(32))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -66,7 +50,7 @@ class RenderRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, index=True
+        DateTime(timezone=True), default=utcnow, index=True
     )
     images: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(255))
@@ -93,24 +77,6 @@ class TenantError(ValueError):
 
 def _digest(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode()).digest()
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for `url` with the schema created. SQLite gets WAL and a busy timeout so that
-    the CLI and the API can share the file."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
-    return engine
 
 
 class TenantDirectory:
@@ -161,7 +127,7 @@ class TenantDirectory:
             if row is None:
                 raise TenantError(f"no key {key_id!r}")
             if row.revoked_at is None:
-                row.revoked_at = _now()
+                row.revoked_at = utcnow()
             return row.tenant_id
 
     def list_tenants(self) -> list[Tenant]:
@@ -197,7 +163,7 @@ class TenantDirectory:
         return None
 
     def images_in_last_hour(self, tenant_id: str) -> int:
-        since = _now() - dt.timedelta(hours=1)
+        since = utcnow() - dt.timedelta(hours=1)
         with Session(self.engine) as s:
             n = s.scalar(
                 select(func.coalesce(func.sum(RenderRow.images), 0)).where(
