@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +18,7 @@ from registry.base_models import BaseModelInfo
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 from serve.errors import APIError, error_response, install_error_handlers
+from serve.files import FileService
 from serve.images import ImageService
 from serve.protocol import ImageGenerationRequest
 
@@ -28,7 +29,9 @@ class ApiServices:
     tenants: TenantDirectory
     store: ObjectStore
     images: ImageService
+    files: FileService
     max_request_bytes: int
+    max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -36,22 +39,23 @@ class _BodyTooLarge(StarletteHTTPException):
 
 
 class BodySizeLimit:
-    """Refuse bodies over `max_bytes` with 413, by Content-Length up front or while streaming."""
+    """Refuse bodies over the route's limit with 413, by Content-Length up front or while
+    streaming. `per_path` maps exact paths to their own limits (uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-
-    def _too_large(self) -> str:
-        return f"request body exceeds the limit of {self.max_bytes} bytes"
+        self.per_path = per_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"].rstrip("/"), self.max_bytes)
+        too_large = f"request body exceeds the limit of {limit} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = error_response(413, self._too_large(), None, "request_too_large")
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = error_response(413, too_large, None, "request_too_large")
             await response(scope, receive, send)
             return
         seen = 0
@@ -61,8 +65,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge(413, self._too_large())
+                if seen > limit:
+                    raise _BodyTooLarge(413, too_large)
             return message
 
         await self.app(scope, limited, send)
@@ -93,7 +97,11 @@ def create_api(services: ApiServices) -> FastAPI:
     app = FastAPI(title="brandfarm", version="0.1.0")
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=services.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=services.max_request_bytes,
+        per_path={"/v1/files": services.max_upload_bytes},
+    )
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -119,5 +127,26 @@ def create_api(services: ApiServices) -> FastAPI:
     @app.post("/v1/images/generations")
     async def generate_images(body: ImageGenerationRequest, tenant: Tenant) -> dict:
         return (await services.images.generate(tenant, body)).to_dict()
+
+    @app.post("/v1/files")
+    async def upload_file(
+        tenant: Tenant,
+        file: Annotated[UploadFile, Form(description="The dataset zip.")],
+        purpose: Annotated[str, Form(description="Must be `fine-tune`.")],
+    ) -> dict:
+        data = await file.read()
+        return await services.files.upload(tenant, file.filename or "upload.zip", purpose, data)
+
+    @app.get("/v1/files")
+    def list_files(tenant: Tenant) -> dict:
+        return services.files.list(tenant)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str, tenant: Tenant) -> dict:
+        return services.files.get(tenant, file_id)
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str, tenant: Tenant) -> dict:
+        return services.files.delete(tenant, file_id)
 
     return app

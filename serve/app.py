@@ -12,12 +12,16 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from finetune.datasets import DatasetLimits
 from registry.base_models import BaseModelInfo
+from registry.db import make_engine
+from registry.files import FileCatalog
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 from serve.api import ApiServices, create_api
 from serve.errors import APIError
+from serve.files import FileService
 from serve.images import ImageService
 from serve.protocol import RenderedImage, RenderJob, RenderLimits
 
@@ -64,7 +68,8 @@ class ServeRenderer:
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: Settings, model: BaseModelInfo, replica: DeploymentHandle):
-        tenants = TenantDirectory.from_url(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url)
+        tenants = TenantDirectory(engine)
         store = ObjectStore.from_settings(settings)
         images = ImageService(
             limits=RenderLimits.from_settings(settings, model),
@@ -80,7 +85,12 @@ class Ingress:
                 tenants=tenants,
                 store=store,
                 images=images,
+                files=FileService(
+                    FileCatalog(engine), store, DatasetLimits.from_settings(settings)
+                ),
                 max_request_bytes=settings.max_request_bytes,
+                # Room for the multipart envelope; the dataset's own limit is checked exactly.
+                max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
             )
         )
 

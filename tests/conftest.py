@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from cluster.stack import LocalStack
+from registry.db import make_engine
+from registry.files import FileCatalog
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -45,6 +47,7 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
         state_dir=state_dir,
         startup_timeout_s=300,
         ray_num_cpus=2,
+        dataset_max_upload_bytes=4 * 1024 * 1024,  # small, so the 413 tests send little
         **ports,
         **overrides,
     )
@@ -62,6 +65,10 @@ class Farm:
     @property
     def tenants(self) -> TenantDirectory:
         return TenantDirectory.from_url(self.settings.resolved_database_url)
+
+    @property
+    def files(self) -> FileCatalog:
+        return FileCatalog(make_engine(self.settings.resolved_database_url))
 
     @property
     def api(self) -> str:

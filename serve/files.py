@@ -1,0 +1,113 @@
+"""Uploaded files (fine-tune datasets): validate fully, store, verify, then record.
+
+OpenAI's Files API shape. Nothing is kept unless the whole dataset passed validation and the
+stored object's bytes were read back with the right sha256; any failure removes what was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from finetune.datasets import DatasetLimits, DatasetRejected, validate_dataset_zip
+from registry.db import utcnow
+from registry.files import FileCatalog, FileRecord, new_file_id
+from registry.storage import ObjectStore, StorageError, tenant_prefix
+from serve.errors import APIError, InvalidField
+
+log = logging.getLogger(__name__)
+PURPOSES = ("fine-tune",)
+
+
+def file_object(record: FileRecord) -> dict:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": int(record.created_at.timestamp()),
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+        "sha256": record.sha256,
+        "images": record.images,
+    }
+
+
+def not_found(file_id: str) -> APIError:
+    # The same answer whether the file never existed or belongs to another tenant.
+    return APIError(404, f"no file {file_id!r}", param="file_id", code="file_not_found")
+
+
+class FileService:
+    def __init__(self, catalog: FileCatalog, store: ObjectStore, limits: DatasetLimits) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.limits = limits
+
+    def _store_verified(self, key: str, data: bytes, sha256: str) -> None:
+        self.store.put_bytes(key, data, content_type="application/zip")
+        try:
+            self.store.verify(key, sha256)
+        except StorageError:
+            self.store.delete(key)
+            raise
+
+    async def upload(self, tenant_id: str, filename: str, purpose: str, data: bytes) -> dict:
+        if purpose not in PURPOSES:
+            raise InvalidField(
+                "purpose", f"purpose must be one of {list(PURPOSES)}, got {purpose!r}"
+            )
+        try:
+            summary = await asyncio.to_thread(validate_dataset_zip, data, self.limits)
+        except DatasetRejected as e:
+            raise APIError(
+                e.status, f"dataset rejected: {e}", param="file", code="invalid_dataset"
+            ) from e
+        file_id = new_file_id()
+        key = f"{tenant_prefix(tenant_id)}files/{file_id}.zip"
+        try:
+            await asyncio.to_thread(self._store_verified, key, data, summary.sha256)
+        except StorageError as e:
+            log.error("storing %s failed: %s", key, e)
+            raise APIError(
+                503, "the object store is unavailable; retry the upload", code="storage_unavailable"
+            ) from e
+        record = FileRecord(
+            id=file_id,
+            tenant_id=tenant_id,
+            filename=filename[:255],
+            purpose=purpose,
+            bytes=summary.bytes,
+            sha256=summary.sha256,
+            object_key=key,
+            images=summary.images,
+            created_at=utcnow(),
+        )
+        try:
+            await asyncio.to_thread(self.catalog.add, record)
+        except Exception:
+            await asyncio.to_thread(self.store.delete, key)
+            raise
+        return file_object(record)
+
+    def list(self, tenant_id: str) -> dict:
+        return {"object": "list", "data": [file_object(r) for r in self.catalog.list(tenant_id)]}
+
+    def get(self, tenant_id: str, file_id: str) -> dict:
+        record = self.catalog.get(tenant_id, file_id)
+        if record is None:
+            raise not_found(file_id)
+        return file_object(record)
+
+    def delete(self, tenant_id: str, file_id: str) -> dict:
+        record = self.catalog.get(tenant_id, file_id)
+        if record is None:
+            raise not_found(file_id)
+        try:
+            self.store.delete(record.object_key)
+        except StorageError as e:
+            raise APIError(
+                503, "the object store is unavailable; retry", code="storage_unavailable"
+            ) from e
+        self.catalog.remove(tenant_id, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
