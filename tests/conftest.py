@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from cluster.stack import LocalStack
+from registry.base_models import BaseModelInfo
 from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.settings import Settings
@@ -65,6 +66,10 @@ class Farm:
     @property
     def tenants(self) -> TenantDirectory:
         return TenantDirectory.from_url(self.settings.resolved_database_url)
+
+    @property
+    def model(self) -> BaseModelInfo:
+        return self.stack.base_model(self.settings)
 
     @property
     def files(self) -> FileCatalog:

@@ -33,7 +33,7 @@ def test_openai_client_renders_url_and_b64(farm, key):
     by_url = client.images.generate(
         prompt="a red circle on a blue background",
         n=2,
-        size="64x64",
+        size=f"{farm.model.native_size}x{farm.model.native_size}",
         response_format="url",
         extra_body={"seed": 11},
     )
@@ -41,12 +41,13 @@ def test_openai_client_renders_url_and_b64(farm, key):
     pngs = [httpx.get(d.url, timeout=60).content for d in by_url.data]
     for png in pngs:
         img = Image.open(io.BytesIO(png))
-        assert img.format == "PNG" and img.size == (64, 64)
+        side = farm.model.native_size
+        assert img.format == "PNG" and img.size == (side, side)
     assert [d.model_extra["seed"] for d in by_url.data] == [11, 12]
 
     inline = client.images.generate(
         prompt="a red circle on a blue background",
-        size="64x64",
+        size=f"{farm.model.native_size}x{farm.model.native_size}",
         response_format="b64_json",
         extra_body={"seed": 11},
     )
@@ -101,5 +102,5 @@ def test_renders_land_under_the_tenants_prefix(farm, key):
 
 def test_models_and_health(farm, key):
     models = _client(farm, key).models.list()
-    assert [m.id for m in models.data] == ["tiny-sd-random"]
+    assert [m.id for m in models.data] == [farm.model.id]
     assert httpx.get(f"{farm.settings.api_url}/healthz").json()["status"] == "ok"
