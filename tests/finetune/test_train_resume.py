@@ -1,0 +1,46 @@
+"""The LoRA loop's checkpoints: resuming gives exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune.train import LORA_WEIGHT_NAME, TrainingStopped, train_lora
+from finetune.world import generate_brand
+from registry.base_models import TINY_RANDOM, ensure_base_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = ensure_base_model(TINY_RANDOM, tmp_path_factory.mktemp("models"), 1024)
+    examples = list(generate_brand("acme", n=4, seed=0))
+    return base.path, examples
+
+
+def _weights(folder):
+    return load_file(str(folder / LORA_WEIGHT_NAME))
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    base, examples = setup
+    kw = dict(steps=6, rank=2, alpha=2.0, batch_size=2, seed=3)
+    straight = train_lora(base, examples, tmp_path / "straight", **kw)
+
+    saved: dict[int, dict] = {}
+    with pytest.raises(TrainingStopped):
+        train_lora(
+            base,
+            examples,
+            tmp_path / "first",
+            checkpoint_every=3,
+            on_checkpoint=lambda step, state: saved.__setitem__(step, state),
+            should_stop=lambda: 3 in saved,
+            **kw,
+        )
+    assert sorted(saved) == [3] and not (tmp_path / "first").exists()  # stopped: nothing saved
+    resumed = train_lora(base, examples, tmp_path / "resumed", resume=saved[3], **kw)
+
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert (a[k] == b[k]).all(), k
