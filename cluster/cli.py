@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cluster.processes import StackError
 from cluster.stack import LocalStack
+from cluster.tenant_cli import adapters_app, finetune_app
 from registry.base_models import BaseModelError
 from registry.settings import Settings, load_settings
 from registry.storage import StorageError
@@ -19,6 +20,8 @@ from registry.tenants import TenantDirectory, TenantError
 app = typer.Typer(help="brandfarm: a multi-tenant text-to-image render farm.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(adapters_app, name="adapters")
 console = Console()
 err = Console(stderr=True)
 

@@ -32,6 +32,7 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     import registry.files  # noqa: F401 - every table module, so create_all sees all tables
+    import registry.jobs  # noqa: F401
     import registry.tenants  # noqa: F401
 
     Base.metadata.create_all(engine)

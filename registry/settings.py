@@ -134,6 +134,22 @@ class Settings(BaseSettings):
     dataset_min_image_side: int = Field(32, ge=1, description="Smallest image width/height.")
     dataset_max_image_side: int = Field(4096, ge=1, description="Largest image width/height.")
     dataset_max_caption_chars: int = Field(1000, ge=1, description="Longest caption.")
+    api_key: SecretStr | None = Field(
+        None, description="A tenant's API key, for the CLI's tenant commands (finetune, adapters)."
+    )
+
+    # --- fine-tune jobs ----------------------------------------------------------------------
+    fine_tune_max_steps: int = Field(5000, ge=1, description="Upper bound of a job's `steps`.")
+    fine_tune_checkpoint_every: int = Field(
+        50, ge=1, description="Steps between checkpoints (LoRA, optimizer, RNG) in the store."
+    )
+    fine_tune_max_attempts: int = Field(
+        3, ge=1, le=20, description="Training processes a job may start (retries after a death)."
+    )
+    fine_tune_num_cpus: float = Field(1.0, ge=0, description="CPUs a fine-tune job reserves.")
+    fine_tune_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs a job reserves; unset: 1 when the cluster has GPUs, else 0."
+    )
     startup_timeout_s: float = Field(
         180.0, gt=0, description="How long `up` waits for each component to answer."
     )
@@ -186,6 +202,18 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # --- derived locations (pure functions of the fields above) ------------------------------
+    def to_env(self) -> dict[str, str]:
+        """These settings as `BRANDFARM_*` variables (secrets included), for a process started
+        elsewhere on the cluster (a Ray job) that must run with exactly this farm's settings."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"BRANDFARM_{name.upper()}"] = str(value)
+        return env
+
     @property
     def state_path(self) -> Path:
         return self.state_dir.expanduser().resolve()
@@ -220,6 +248,10 @@ def load_settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+# No process of the farm phones home (MLflow 3 telemetry); Ray workers inherit this from the head.
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment for a child process this farm starts: ours plus `extra`."""
-    return {**os.environ, **extra}
+    return {**os.environ, **QUIET_ENV, **extra}

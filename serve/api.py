@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,9 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from registry.base_models import BaseModelInfo
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
+from serve.adapters import AdapterService, AliasRequest
 from serve.errors import APIError, error_response, install_error_handlers
 from serve.files import FileService
 from serve.images import ImageService
+from serve.jobs import FineTuneJobRequest, JobService
 from serve.protocol import ImageGenerationRequest
 
 
@@ -30,6 +32,8 @@ class ApiServices:
     store: ObjectStore
     images: ImageService
     files: FileService
+    jobs: JobService
+    adapters: AdapterService
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
 
@@ -148,5 +152,41 @@ def create_api(services: ApiServices) -> FastAPI:
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str, tenant: Tenant) -> dict:
         return services.files.delete(tenant, file_id)
+
+    @app.post("/v1/fine_tuning/jobs")
+    def create_job(
+        body: FineTuneJobRequest,
+        tenant: Tenant,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict:
+        return services.jobs.create(tenant, body, idempotency_key)
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(tenant: Tenant, after: str | None = None, limit: int = 20) -> dict:
+        return services.jobs.list(tenant, after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str, tenant: Tenant) -> dict:
+        return services.jobs.get(tenant, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    def job_events(job_id: str, tenant: Tenant, after: int = 0, limit: int = 100) -> dict:
+        return services.jobs.events(tenant, job_id, after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def job_checkpoints(job_id: str, tenant: Tenant) -> dict:
+        return services.jobs.checkpoints(tenant, job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, tenant: Tenant) -> dict:
+        return services.jobs.cancel(tenant, job_id)
+
+    @app.get("/v1/adapters")
+    def list_adapters(tenant: Tenant) -> dict:
+        return services.adapters.list(tenant)
+
+    @app.post("/v1/adapters/{brand}/aliases/{alias}")
+    def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
+        return services.adapters.set_alias(tenant, brand, alias, body)
 
     return app

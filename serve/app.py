@@ -13,16 +13,21 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from finetune.datasets import DatasetLimits
+from finetune.launcher import JobLauncher
+from registry.adapters import AdapterRegistry
 from registry.base_models import BaseModelInfo
 from registry.db import make_engine
 from registry.files import FileCatalog
+from registry.jobs import JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
+from serve.adapters import AdapterService
 from serve.api import ApiServices, create_api
 from serve.errors import APIError
 from serve.files import FileService
 from serve.images import ImageService
+from serve.jobs import JobService
 from serve.protocol import RenderedImage, RenderJob, RenderLimits
 
 APP_NAME = "brandfarm"
@@ -79,15 +84,17 @@ class Ingress:
             presign_expiry_s=settings.presign_expiry_s,
             max_inflight_per_tenant=settings.max_inflight_per_tenant,
         )
+        files = FileCatalog(engine)
+        jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
         self._api = create_api(
             ApiServices(
                 model=model,
                 tenants=tenants,
                 store=store,
                 images=images,
-                files=FileService(
-                    FileCatalog(engine), store, DatasetLimits.from_settings(settings)
-                ),
+                files=FileService(files, store, DatasetLimits.from_settings(settings)),
+                jobs=jobs,
+                adapters=AdapterService(AdapterRegistry(settings.resolved_mlflow_uri)),
                 max_request_bytes=settings.max_request_bytes,
                 # Room for the multipart envelope; the dataset's own limit is checked exactly.
                 max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,

@@ -14,6 +14,7 @@ from cluster.stack import LocalStack
 from registry.base_models import BaseModelInfo
 from registry.db import make_engine
 from registry.files import FileCatalog
+from registry.jobs import JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -49,6 +50,7 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
         startup_timeout_s=300,
         ray_num_cpus=2,
         dataset_max_upload_bytes=4 * 1024 * 1024,  # small, so the 413 tests send little
+        fine_tune_checkpoint_every=4,
         **ports,
         **overrides,
     )
@@ -76,6 +78,10 @@ class Farm:
         return FileCatalog(make_engine(self.settings.resolved_database_url))
 
     @property
+    def jobs(self) -> JobStore:
+        return JobStore(make_engine(self.settings.resolved_database_url))
+
+    @property
     def api(self) -> str:
         return f"{self.settings.api_url}/v1"
 
@@ -88,6 +94,15 @@ class Farm:
 
     def all_objects(self) -> list[str]:
         return sorted(o.key for o in self.store.list(""))
+
+    def cli_env(self, api_key: str | None = None) -> dict[str, str]:
+        """Environment for `brandfarm` CLI calls against this farm (CliRunner's env=)."""
+        s = self.settings
+        env = {f"BRANDFARM_{f.upper()}": str(getattr(s, f)) for f in PORT_FIELDS}
+        env["BRANDFARM_STATE_DIR"] = str(s.state_dir)
+        if api_key:
+            env["BRANDFARM_API_KEY"] = api_key
+        return env
 
     def restart(self) -> None:
         self.stack.down()

@@ -16,15 +16,6 @@ from registry.storage import ObjectStore
 pytestmark = pytest.mark.e2e
 
 
-def _cli_env(farm) -> dict[str, str]:
-    s = farm.settings
-    env = {
-        f"BRANDFARM_{f.upper()}": str(getattr(s, f)) for f in type(s).model_fields if "port" in f
-    }
-    env["BRANDFARM_STATE_DIR"] = str(s.state_dir)
-    return env
-
-
 def test_credentials_file_is_private(farm):
     creds = farm.stack.credentials_file
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
@@ -33,7 +24,7 @@ def test_credentials_file_is_private(farm):
 
 def test_cli_status_and_second_up_is_idempotent(farm):
     runner = CliRunner()
-    env = _cli_env(farm)
+    env = farm.cli_env()
     result = runner.invoke(app, ["status"], env=env)
     assert result.exit_code == 0, result.output
     for name in ("s3", "mlflow", "ray", "api"):

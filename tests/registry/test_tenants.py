@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 import sqlalchemy as sa
 
-from registry.tenants import ApiKeyRow, TenantDirectory, TenantError, make_engine
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from registry.tenants import ApiKeyRow, TenantDirectory, TenantError
 
 
-def _postgres_engine():
-    """A fresh schema on the machine's Postgres, or a skip saying why not."""
-    schema = f"bf_test_{secrets.token_hex(4)}"
-    try:
-        admin = sa.create_engine(PG_URL)
-        with admin.begin() as c:
-            c.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    except Exception as e:  # noqa: BLE001 - any connection failure means: skip
-        pytest.skip(f"Postgres at {PG_URL} does not answer: {type(e).__name__}")
-    engine = make_engine(f"{PG_URL}?options=-csearch_path%3D{schema}")
-    return engine, lambda: _drop(admin, schema, engine)
-
-
-def _drop(admin, schema, engine) -> None:
-    engine.dispose()
-    with admin.begin() as c:
-        c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def directory(request, tmp_path):
-    if request.param == "sqlite":
-        yield TenantDirectory(make_engine(f"sqlite:///{tmp_path / 't.db'}"))
-        return
-    engine, cleanup = _postgres_engine()
-    try:
-        yield TenantDirectory(engine)
-    finally:
-        cleanup()
+@pytest.fixture
+def directory(sql_engine):
+    return TenantDirectory(sql_engine)
 
 
 def test_create_authenticate_revoke(directory):

@@ -1,0 +1,280 @@
+"""A fine-tune job as it runs on the cluster (the entrypoint of its Ray job).
+
+`python -m finetune.job JOB_ID` is the supervisor: it runs the training in a child process
+(`--worker`) and, if that process dies, starts another that resumes from the last checkpoint,
+up to `fine_tune_max_attempts`. The worker reads the job record, fetches and verifies the dataset,
+trains the LoRA with checkpoints to the object store, logs the run to MLflow (one experiment per
+tenant), and registers the adapter only once everything else succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from finetune.datasets import read_dataset_zip
+from registry.db import make_engine
+from registry.files import FileCatalog
+from registry.jobs import TERMINAL, JobRecord, JobStore
+from registry.settings import Settings, load_settings
+from registry.storage import ObjectStore, StorageError, tenant_prefix
+
+EVENT_EVERY = 5  # steps between progress events in the job log
+
+
+def experiment_name(tenant_id: str) -> str:
+    return f"tenant-{tenant_id}"
+
+
+def checkpoint_prefix(job: JobRecord) -> str:
+    return f"{tenant_prefix(job.tenant_id)}jobs/{job.id}/checkpoints/"
+
+
+def checkpoint_steps(store: ObjectStore, job: JobRecord) -> list[tuple[int, str]]:
+    """(step, key) of every stored checkpoint, oldest first."""
+    out = []
+    for obj in store.list(checkpoint_prefix(job)):
+        name = obj.key.rsplit("/", 1)[-1]
+        if name.startswith("step-") and name.endswith(".pt"):
+            out.append((int(name[5:-3]), obj.key))
+    return sorted(out)
+
+
+# --- supervisor ------------------------------------------------------------------------------
+def supervise(settings: Settings, job_id: str) -> int:
+    jobs = JobStore(make_engine(settings.resolved_database_url))
+    for attempt in range(1, settings.fine_tune_max_attempts + 1):
+        code = subprocess.call([sys.executable, "-m", "finetune.job", job_id, "--worker"])
+        job = jobs.get_any(job_id)
+        if job.status in TERMINAL:
+            return 0 if job.status != "failed" else 1
+        if jobs.cancel_requested(job_id):
+            jobs.finish(job_id, "cancelled")
+            return 0
+        jobs.add_event(
+            job_id,
+            f"training process exited with code {code} (attempt {attempt} of "
+            f"{settings.fine_tune_max_attempts}); resuming from the last checkpoint",
+            level="warning",
+        )
+    jobs.finish(
+        job_id,
+        "failed",
+        error=f"the training process died {settings.fine_tune_max_attempts} times; see events",
+    )
+    return 1
+
+
+# --- worker ----------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, settings: Settings, job_id: str) -> None:
+        engine = make_engine(settings.resolved_database_url)
+        self.settings = settings
+        self.jobs = JobStore(engine)
+        self.files = FileCatalog(engine)
+        self.store = ObjectStore.from_settings(settings)
+        self.job_id = job_id
+
+    def _dataset(self, job: JobRecord) -> list:
+        record = self.files.get(job.tenant_id, job.training_file)
+        if record is None:
+            raise RuntimeError(f"training file {job.training_file} no longer exists")
+        data = self.store.get_bytes(record.object_key)
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise RuntimeError(f"training file {record.id} does not match its recorded sha256")
+        return read_dataset_zip(data)
+
+    def _latest_checkpoint(self, job: JobRecord) -> dict | None:
+        import torch
+
+        steps = checkpoint_steps(self.store, job)
+        if not steps:
+            return None
+        step, key = steps[-1]
+        state = torch.load(io.BytesIO(self.store.get_bytes(key)), weights_only=False)
+        self.jobs.add_event(job.id, f"resuming from the checkpoint at step {step}", step=step)
+        return state
+
+    def _save_checkpoint(self, job: JobRecord, step: int, state: dict) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        key = f"{checkpoint_prefix(job)}step-{step:06d}.pt"
+        self.store.put_bytes(key, buf.getvalue())
+        self.jobs.add_event(job.id, f"checkpoint saved at step {step}", step=step)
+
+    def run(self) -> int:
+        job = self.jobs.mark_running(self.job_id, os.getpid())
+        if job is None:
+            return 0  # already finished (e.g. cancelled while queued)
+        import mlflow
+
+        from finetune.train import TrainingStopped
+
+        mlflow.set_tracking_uri(self.settings.resolved_mlflow_uri)
+        experiment = mlflow.set_experiment(experiment_name(job.tenant_id))
+        client = mlflow.MlflowClient()
+        previous = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.job_id = '{job.id}'", max_results=1
+        )
+        run = mlflow.start_run(
+            run_id=previous[0].info.run_id if previous else None,
+            run_name=None if previous else job.id,
+            tags={"job_id": job.id, "tenant": job.tenant_id, "brand": job.brand},
+        )
+        try:
+            version = self._train_and_register(job, run.info.run_id)
+        except TrainingStopped:
+            mlflow.end_run("KILLED")
+            self.jobs.finish(job.id, "cancelled")
+            return 0
+        except Exception as e:  # noqa: BLE001 - any failure ends the job with its reason
+            mlflow.end_run("FAILED")
+            self.jobs.finish(job.id, "failed", error=f"{type(e).__name__}: {e}")
+            return 0
+        mlflow.end_run("FINISHED")
+        self.jobs.finish(job.id, "succeeded", adapter_version=version)
+        return 0
+
+    def _train_and_register(self, job: JobRecord, run_id: str) -> int:
+        import mlflow
+
+        from finetune.train import train_lora
+        from registry.adapters import AdapterRegistry
+        from registry.base_models import ensure_base_model
+
+        spec, hp = job.spec, job.spec["hyperparameters"]
+        base = ensure_base_model(
+            job.base_model, self.settings.state_path / "models", self.settings.max_image_side
+        )
+        examples = self._dataset(job)
+        self.jobs.add_event(job.id, f"dataset loaded: {len(examples)} images")
+        resume = self._latest_checkpoint(job)
+        if resume is None:
+            mlflow.log_params(
+                {
+                    **hp,
+                    "base_model": base.id,
+                    "base_model_revision": base.revision,
+                    "trigger_word": spec.get("trigger_word") or "",
+                    "seed": spec["seed"],
+                    "training_file": job.training_file,
+                    "images": len(examples),
+                }
+            )
+
+        def progress(step: int, total: int, loss: float) -> None:
+            mlflow.log_metric("loss", loss, step=step)
+            if step % EVENT_EVERY == 0 or step == total:
+                self.jobs.add_event(job.id, f"step {step}/{total}", step=step, loss=loss)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "adapter"
+            train_lora(
+                base.path,
+                examples,
+                out,
+                steps=hp["steps"],
+                rank=hp["rank"],
+                alpha=hp["alpha"],
+                lr=hp["learning_rate"],
+                batch_size=hp["batch_size"],
+                seed=spec["seed"],
+                progress=progress,
+                checkpoint_every=self.settings.fine_tune_checkpoint_every,
+                on_checkpoint=lambda step, state: self._save_checkpoint(job, step, state),
+                resume=resume,
+                should_stop=lambda: self.jobs.cancel_requested(job.id),
+            )
+            self._log_validation(base, out, spec)
+            record = self.files.get(job.tenant_id, job.training_file)
+            registry = AdapterRegistry(self.settings.resolved_mlflow_uri)
+            # A process that died between registering and recording must not register twice.
+            done = (
+                [
+                    v
+                    for v in registry.versions(job.tenant_id, job.brand)
+                    if v.tags.get("job_id") == job.id
+                ]
+                if job.brand in registry.brands(job.tenant_id)
+                else []
+            )
+            if done:
+                return done[0].version
+            version = registry.register(
+                job.tenant_id,
+                job.brand,
+                out,
+                base_model_path=base.path,
+                run_id=run_id,
+                tags={
+                    "base_model": base.id,
+                    "base_model_revision": base.revision,
+                    "dataset_sha256": record.sha256 if record else "",
+                    "job_id": job.id,
+                    "trigger_word": spec.get("trigger_word") or "",
+                    "rank": str(hp["rank"]),
+                    "alpha": str(hp["alpha"]),
+                    "steps": str(hp["steps"]),
+                },
+            )
+        self.jobs.add_event(job.id, f"registered {job.tenant_id}.{job.brand} v{version.version}")
+        return version.version
+
+    def _log_validation(self, base, adapter_dir: Path, spec: dict) -> None:  # noqa: ANN001
+        """Base vs. adapter, side by side, at fixed seeds, for each validation prompt."""
+        import mlflow
+        import torch
+        from PIL import Image
+
+        from registry.base_models import load_pipeline
+
+        prompts = spec.get("validation_prompts") or []
+        if not prompts:
+            return
+        pipe = load_pipeline(base, "cpu")
+
+        def render(prompt: str, seed: int) -> Image.Image:
+            return pipe(
+                prompt,
+                num_inference_steps=base.default_steps,
+                guidance_scale=base.default_guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+
+        before = [render(p, 1000 + i) for i, p in enumerate(prompts)]
+        pipe.load_lora_weights(str(adapter_dir))
+        after = [render(p, 1000 + i) for i, p in enumerate(prompts)]
+        for i, (a, b) in enumerate(zip(before, after, strict=True)):
+            pair = Image.new("RGB", (a.width * 2, a.height))
+            pair.paste(a, (0, 0))
+            pair.paste(b, (a.width, 0))
+            mlflow.log_image(pair, f"validation/{i:02d}-base-vs-adapter.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one brandfarm fine-tune job.")
+    parser.add_argument("job_id", help="The job's id (ftjob-...), created by the API.")
+    parser.add_argument(
+        "--worker", action="store_true", help="Run the training itself (the supervisor's child)."
+    )
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    try:
+        if args.worker:
+            return Worker(settings, args.job_id).run()
+        return supervise(settings, args.job_id)
+    except StorageError as e:
+        print(f"object store error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
