@@ -350,10 +350,12 @@ def diffusion_loss(
 
     Shared by the base-model training and the LoRA fine-tune (``finetune.train``).
     """
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(
+    # Drawn from the (CPU) generator, then moved: the same noise on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps_cpu = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
     )
+    timesteps = timesteps_cpu.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
@@ -364,7 +366,7 @@ def diffusion_loss(
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         # Min-SNR weighting (Hang et al. 2023), in its v-prediction form.
-        alphas_cumprod = scheduler.alphas_cumprod[timesteps]
+        alphas_cumprod = scheduler.alphas_cumprod[timesteps_cpu].to(latents.device)
         snr = alphas_cumprod / (1 - alphas_cumprod)
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
         if scheduler.config.prediction_type != "v_prediction":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -31,8 +32,20 @@ Progress = Callable[[int, int, float], None]
 OnCheckpoint = Callable[[int, dict], None]
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """`auto` → bf16 on a CUDA GPU that supports it, fp16 on other CUDA GPUs, `no` on CPU."""
+    if choice not in ("auto", "no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 class TrainingStopped(Exception):
     """``should_stop()`` returned True: training ended early and nothing was saved."""
+
 
 #: The UNet attention projections a brand adapter trains.
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -75,6 +88,8 @@ def train_lora(
     on_checkpoint: OnCheckpoint | None = None,
     resume: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "auto",
 ) -> Path:
     """Fine-tune a LoRA adapter of ``base_model_dir``'s UNet on ``examples``; returns ``out_dir``.
 
@@ -83,9 +98,17 @@ def train_lora(
     ``out_dir/lora_training.json``. With ``resume`` (a state given to ``on_checkpoint``) training
     continues from that step with the same optimizer and random state, as if never interrupted.
     ``should_stop`` is polled every step; when it says so, ``TrainingStopped`` is raised.
+    ``mixed_precision`` is ``auto`` (bf16 on a CUDA GPU that has it, else fp16; none on CPU),
+    ``no``, ``fp16`` or ``bf16``; ``gradient_accumulation_steps`` micro-batches make one step.
     """
     # Sanity checks.
-    for name, value in (("steps", steps), ("rank", rank), ("batch_size", batch_size)):
+    checks = (
+        ("steps", steps),
+        ("rank", rank),
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+    )
+    for name, value in checks:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if alpha <= 0 or lr <= 0:
@@ -117,14 +140,30 @@ def train_lora(
     unet.add_adapter(lora_config)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
 
+    # Accelerate places the models and, on a GPU, trains in mixed precision with the LoRA
+    # weights kept in fp32.
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(mixed_precision),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    vae.to(device)
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device)
+
     # Encode the dataset once: images at the model's resolution to latents, captions to ids.
     resolution = unet.config.sample_size * pipe.vae_scale_factor
-    pixels = images_to_tensor([image for image, _ in examples], resolution)
-    latent_mean, latent_std = encode_dataset(vae, pixels)
-    input_ids = tokenize(tokenizer, [text for _, text in examples])
+    pixels = images_to_tensor([image for image, _ in examples], resolution).to(device)
+    with torch.no_grad():
+        latent_mean, latent_std = encode_dataset(vae, pixels)
+    input_ids = tokenize(tokenizer, [text for _, text in examples]).to(device)
     scaling_factor = vae.config.scaling_factor
 
-    # Train (from a checkpoint's state when resuming).
+    # Train (from a checkpoint's state when resuming). One step is one optimizer update of
+    # `gradient_accumulation_steps` micro-batches, so checkpoints fall on update boundaries.
     optimizer = torch.optim.AdamW(lora_params, lr=lr, weight_decay=1e-4)
     losses: list[float] = []
     first_step = 0
@@ -134,21 +173,33 @@ def train_lora(
         generator.set_state(resume["generator"])
         losses = list(resume["losses"])
         first_step = int(resume["step"])
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
     for step in range(first_step, steps):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before step {step + 1} of {steps}")
-        idx = torch.randint(0, len(examples), (batch_size,), generator=generator)
-        eps = torch.randn(latent_mean[idx].shape, generator=generator)
-        latents = (latent_mean[idx] + latent_std[idx] * eps) * scaling_factor
-        loss = diffusion_loss(
-            unet, text_encoder, noise_scheduler, latents, input_ids[idx], generator, min_snr_gamma
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        micro_losses = []
+        for _ in range(gradient_accumulation_steps):
+            with accelerator.accumulate(unet):
+                idx = torch.randint(0, len(examples), (batch_size,), generator=generator)
+                eps = torch.randn(latent_mean[idx].shape, generator=generator).to(device)
+                latents = (latent_mean[idx] + latent_std[idx] * eps) * scaling_factor
+                loss = diffusion_loss(
+                    unet,
+                    text_encoder,
+                    noise_scheduler,
+                    latents,
+                    input_ids[idx.to(device)],
+                    generator,
+                    min_snr_gamma,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.item())
+        losses.append(sum(micro_losses) / len(micro_losses))
         if progress is not None:
             progress(step + 1, steps, losses[-1])
         if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
@@ -156,12 +207,13 @@ def train_lora(
                 step + 1,
                 {
                     "step": step + 1,
-                    "lora": get_peft_model_state_dict(unet),
+                    "lora": get_peft_model_state_dict(accelerator.unwrap_model(unet)),
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
                     "losses": list(losses),
                 },
             )
+    unet = accelerator.unwrap_model(unet)
 
     # Save the adapter in diffusers' LoRA format, with its LoraConfig in the file's metadata.
     unet.eval()

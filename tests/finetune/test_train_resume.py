@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from finetune.train import LORA_WEIGHT_NAME, TrainingStopped, train_lora
+from finetune.train import LORA_WEIGHT_NAME, TrainingStopped, resolve_mixed_precision, train_lora
 from finetune.world import generate_brand
 from registry.base_models import TINY_RANDOM, ensure_base_model
 
@@ -44,3 +44,27 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+def test_accumulation_and_precision_choice(setup, tmp_path):
+    base, examples = setup
+    losses: list[float] = []
+    train_lora(
+        base,
+        examples,
+        tmp_path / "acc",
+        steps=2,
+        rank=2,
+        alpha=2.0,
+        batch_size=1,
+        seed=1,
+        gradient_accumulation_steps=2,
+        progress=lambda _s, _t, loss: losses.append(loss),
+    )
+    assert len(losses) == 2  # steps count optimizer updates, not micro-batches
+    assert (tmp_path / "acc" / LORA_WEIGHT_NAME).is_file()
+    assert resolve_mixed_precision("auto") == "no"  # CPU here; bf16/fp16 on CUDA
+    with pytest.raises(ValueError, match="mixed_precision"):
+        resolve_mixed_precision("fp8")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        train_lora(base, examples, tmp_path / "x", gradient_accumulation_steps=0)
