@@ -191,6 +191,19 @@ class LocalStack:
             out.append(self._ray(s))
         return out
 
+    def start(self, name: str) -> bool:
+        """Start one embedded component (s3, mlflow, ray) on its own; True if started now."""
+        s = self.resolved_settings(create=True)
+        component = next((c for c in self._components(s) if c.spec.name == name), None)
+        if component is None:
+            raise StackError(f"no embedded component {name!r} (it is configured as external)")
+        started = component.start(s.startup_timeout_s)
+        if name == "s3":
+            store = ObjectStore.from_settings(s)
+            store.ensure_bucket(s.s3_bucket)
+            store.ensure_bucket(s.mlflow_artifacts_bucket)
+        return started
+
     def component(self, name: str) -> ManagedProcess:
         """The embedded component called `name` (s3, mlflow, ray)."""
         s = self.resolved_settings()
@@ -212,12 +225,8 @@ class LocalStack:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         for component in self._components(s):
             self.progress(f"starting {component.spec.name} on port {component.spec.port}")
-            started = component.start(s.startup_timeout_s)
+            started = self.start(component.spec.name)
             self.progress(f"{component.spec.name}: {'started' if started else 'already running'}")
-            if component.spec.name == "s3":
-                store = ObjectStore.from_settings(s)
-                store.ensure_bucket(s.s3_bucket)
-                store.ensure_bucket(s.mlflow_artifacts_bucket)
         self.progress(f"base model {s.base_model}")
         model = self.base_model(s)
         if redeploy or not self._api_serves(s, model):

@@ -186,6 +186,7 @@ class Worker:
                 alpha=hp["alpha"],
                 lr=hp["learning_rate"],
                 batch_size=hp["batch_size"],
+                gradient_accumulation_steps=hp.get("gradient_accumulation_steps", 1),
                 seed=spec["seed"],
                 progress=progress,
                 checkpoint_every=self.settings.fine_tune_checkpoint_every,

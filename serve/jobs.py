@@ -34,6 +34,7 @@ class Hyperparameters(BaseModel):
     learning_rate: float = Field(1e-3, description="AdamW learning rate (0..1].")
     batch_size: int = Field(4, description="Images per step (1..64).")
     resolution: int | None = Field(None, description="Training side; the model's native size.")
+    gradient_accumulation_steps: int = Field(1, description="Micro-batches per step (1..64).")
 
 
 class FineTuneJobRequest(BaseModel):
@@ -117,6 +118,7 @@ class JobService:
             "steps": (hp.steps, 1, s.fine_tune_max_steps),
             "rank": (hp.rank, 1, 128),
             "batch_size": (hp.batch_size, 1, 64),
+            "gradient_accumulation_steps": (hp.gradient_accumulation_steps, 1, 64),
         }
         for name, (value, lo, hi) in bounds.items():
             if not lo <= value <= hi:
