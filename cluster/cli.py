@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -151,15 +152,18 @@ def tenants_revoke_key(
 @app.command()
 def demo(
     tenant: Annotated[str, typer.Option(help="Tenant the demo renders for.")] = "demo",
+    tune_steps: Annotated[int, typer.Option(help="Steps of the demo's brand fine-tune.")] = 150,
 ) -> None:
-    """Bring the farm up, render a few prompts through the HTTP API, write a contact sheet."""
+    """Bring the farm up, render prompts over HTTP, fine-tune a brand, write a contact sheet."""
     from cluster.demo import run_demo
 
     settings = _settings()
     try:
-        run_demo(settings, tenant, console)
-    except (StackError, StorageError, BaseModelError, TenantError) as e:
+        run_demo(settings, tenant, console, tune_steps)
+    except (StackError, StorageError, BaseModelError, TenantError, RuntimeError) as e:
         raise _fail(e) from e
+    except httpx.HTTPError as e:
+        raise _fail(RuntimeError(f"the API answered with an error: {e}")) from e
 
 
 def main() -> None:

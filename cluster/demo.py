@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
@@ -12,14 +14,17 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cluster.stack import LocalStack
+from cluster.tenant_cli import follow_job
+from finetune.job import experiment_name
+from finetune.world import write_brand_zip
 from registry.settings import Settings
 from registry.tenants import TenantDirectory, TenantError
 
 PROMPTS = [
     "a red circle on a blue background",
     "a yellow square on a green background",
-    "a white triangle on a black background",
-    "a orange circle on a teal background",
+    "a purple triangle on a orange background",
+    "a teal circle on a yellow background",
 ]
 
 
@@ -48,7 +53,57 @@ def demo_key(settings: Settings, tenant: str) -> str:
         return tenants.add_key(tenant).key
 
 
-def run_demo(settings: Settings, tenant: str, console: Console) -> None:
+BRAND = "acme"
+BRAND_PROMPTS = [
+    "acme style, a orange circle on a teal background",
+    "acme style, a orange square on a teal background",
+]
+
+
+def fine_tune_brand(s: Settings, client: httpx.Client, tenant: str, steps: int) -> list:
+    """Upload a generated acme dataset, train an adapter, return its before/after tiles."""
+    data = write_brand_zip(s.state_dir / "demo" / "acme.zip", BRAND, n=16, seed=0)
+    upload = client.post(
+        "/files", files={"file": (data.name, data.read_bytes())}, data={"purpose": "fine-tune"}
+    )
+    upload.raise_for_status()
+    job = client.post(
+        "/fine_tuning/jobs",
+        json={
+            "training_file": upload.json()["id"],
+            "brand": BRAND,
+            "trigger_word": "acme style",
+            "seed": 0,
+            "validation_prompts": BRAND_PROMPTS,
+            "hyperparameters": {"steps": steps, "rank": 8, "alpha": 8, "batch_size": 4},
+        },
+    )
+    job.raise_for_status()
+    job = follow_job(client, job.json())
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"fine-tune {job['id']} {job['status']}: {job['error']}")
+    import mlflow
+
+    mlflow_client = mlflow.MlflowClient(s.resolved_mlflow_uri)
+    exp = mlflow_client.get_experiment_by_name(experiment_name(tenant))
+    [run] = mlflow_client.search_runs([exp.experiment_id], f"tags.job_id = '{job['id']}'")
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mlflow_client.download_artifacts(run.info.run_id, "validation", tmp)
+        for path, prompt in zip(sorted(Path(folder).glob("*.png")), BRAND_PROMPTS, strict=False):
+            pair = Image.open(path).convert("RGB")
+            half = pair.width // 2
+            for box, label in (
+                ((0, 0, half, pair.height), "base"),
+                ((half, 0, pair.width, pair.height), f"{job['fine_tuned_model']}"),
+            ):
+                buf = io.BytesIO()
+                pair.crop(box).save(buf, format="PNG")
+                tiles.append((buf.getvalue(), f"{label}: {prompt}"))
+    return tiles
+
+
+def run_demo(settings: Settings, tenant: str, console: Console, tune_steps: int = 150) -> None:
     s = LocalStack(settings, lambda m: console.print(f"[dim]•[/dim] {m}")).up()
     key = demo_key(s, tenant)
     tiles: list[tuple[bytes, str]] = []
@@ -72,6 +127,11 @@ def run_demo(settings: Settings, tenant: str, console: Console) -> None:
             tiles.append((png, f"{prompt} (seed {item['seed']}, {time.perf_counter() - t0:.1f}s)"))
             urls.append(item["url"].split("?", 1)[0])
             bar.advance(task)
+    with httpx.Client(
+        base_url=f"{s.api_url}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=300
+    ) as client:
+        console.print(f"fine-tuning brand {BRAND!r} ({tune_steps} steps) as a Ray job")
+        tiles += fine_tune_brand(s, client, tenant, tune_steps)
     out_dir = s.state_dir / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     sheet_path = out_dir / "contact-sheet.png"
@@ -80,6 +140,9 @@ def run_demo(settings: Settings, tenant: str, console: Console) -> None:
     console.print(f"  contact sheet     {sheet_path}")
     console.print(f"  stored renders    {urls[0].rsplit('/', 3)[0]}/...")
     console.print(f"  API               {s.api_url}/v1  (key for {tenant}: {key})")
-    console.print(f"  MLflow dashboard  {s.resolved_mlflow_uri}")
+    console.print(
+        f"  MLflow dashboard  {s.resolved_mlflow_uri}  (experiment "
+        f"{experiment_name(tenant)}, model {tenant}.{BRAND})"
+    )
     console.print(f"  Ray dashboard     {s.ray_dashboard_url}")
     console.print("  stop the farm with `brandfarm down` (data stays in the state directory)")

@@ -57,7 +57,7 @@ def _get(client: httpx.Client, path: str, **params: object) -> dict:
         raise typer.Exit(1) from e
 
 
-def _follow(client: httpx.Client, job: dict) -> dict:
+def follow_job(client: httpx.Client, job: dict) -> dict:
     """Show a live progress bar from the job's events until it ends."""
     total = job["hyperparameters"]["steps"]
     after = 0
@@ -74,13 +74,10 @@ def _follow(client: httpx.Client, job: dict) -> dict:
             events = _get(client, f"/fine_tuning/jobs/{job['id']}/events", after=after, limit=1000)
             for e in events["data"]:
                 after = int(e["id"])
+                if e["data"]["loss"] is not None:  # checkpoint events carry a step only
+                    bar.update(task, loss=f"{e['data']['loss']:.4f}")
                 if e["data"]["step"] is not None:
-                    loss = e["data"]["loss"]
-                    bar.update(
-                        task,
-                        completed=e["data"]["step"],
-                        loss=f"{loss:.4f}" if loss is not None else "-",
-                    )
+                    bar.update(task, completed=e["data"]["step"])
                 if not e["message"].startswith("step "):
                     bar.console.print(f"[dim]{e['message']}[/dim]")
             job = _get(client, f"/fine_tuning/jobs/{job['id']}")
@@ -134,7 +131,7 @@ def submit(
         )
         console.print(f"job {job['id']} {job['status']}")
         if wait:
-            job = _follow(client, job)
+            job = follow_job(client, job)
             colour = "green" if job["status"] == "succeeded" else "red"
             console.print(
                 f"[{colour}]job {job['status']}[/{colour}]"

@@ -236,6 +236,14 @@ def assemble_pipeline(
 # ---------------------------------------------------------------------------------------------
 
 
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the CPU generator a training loop draws from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 def images_to_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
     """Stack PIL images into a ``(N, 3, R, R)`` float tensor in [-1, 1]."""
     arrays = []
@@ -436,10 +444,7 @@ def train_base_model(
         raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
     out_dir = Path(out_dir)
     started = time.monotonic()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seed_everything(seed)
 
     # Build the tokenizer (project vocabulary) and the three models from config.
     tokenizer = build_tokenizer(out_dir / "tokenizer", config)

@@ -9,12 +9,10 @@ and saves a diffusers LoRA file (rank and alpha in its safetensors metadata) tha
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -23,7 +21,13 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
-from finetune.base_model import diffusion_loss, encode_dataset, images_to_tensor, tokenize
+from finetune.base_model import (
+    diffusion_loss,
+    encode_dataset,
+    images_to_tensor,
+    seed_everything,
+    tokenize,
+)
 
 #: Called as ``progress(step, total_steps, loss)`` after every optimizer step.
 Progress = Callable[[int, int, float], None]
@@ -119,10 +123,7 @@ def train_lora(
         raise ValueError("examples is empty; pass at least one (image, caption) pair")
     out_dir = Path(out_dir)
     started = time.monotonic()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seed_everything(seed)
 
     # Load scheduler, tokenizer and models; only the LoRA weights will train.
     pipe = StableDiffusionPipeline.from_pretrained(base_model_dir, safety_checker=None)

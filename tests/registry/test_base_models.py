@@ -46,3 +46,9 @@ def test_unknown_model_is_actionable(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseModelError, match="no model_index.json"):
         ensure_base_model(str(tmp_path / "empty"), tmp_path, 1024)
+
+
+def test_a_local_diffusers_folder_is_a_base_model(tiny, tmp_path):
+    info = ensure_base_model(tiny.path, tmp_path, 1024)  # any folder with model_index.json
+    assert info.id == tiny.path and info.revision == tiny.revision
+    assert type(load_pipeline(info, "cpu")).__name__ == "StableDiffusionPipeline"
