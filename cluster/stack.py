@@ -172,7 +172,9 @@ class LocalStack:
             s.ray_gcs_port,
             "ray_gcs_port",
             probe,
-            env=child_env({"RAY_USAGE_STATS_ENABLED": "0"}),
+            # Explicit, so that a token file left in ~/.ray by another Ray cluster cannot switch
+            # the embedded (loopback-only) head to token auth and lock our own clients out.
+            env=child_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}),
             extra_ports={
                 "ray_dashboard_port": s.ray_dashboard_port,
                 "ray_client_port": s.ray_client_port,
