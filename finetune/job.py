@@ -10,6 +10,7 @@ tenant), and registers the adapter only once everything else succeeded.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -72,16 +73,43 @@ def supervise(settings: Settings, job_id: str) -> int:
 
 
 # --- worker ----------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, settings: Settings, job_id: str) -> None:
-        engine = make_engine(settings.resolved_database_url)
-        self.settings = settings
-        self.jobs = JobStore(engine)
-        self.files = FileCatalog(engine)
-        self.store = ObjectStore.from_settings(settings)
-        self.job_id = job_id
+class JobReporter:
+    """Everything a training process of a job reads and writes: the dataset, checkpoints,
+    progress events, MLflow metrics, the cancel flag. Picklable (clients are made lazily), so a
+    Ray Train worker gets its own copy."""
 
-    def _dataset(self, job: JobRecord) -> list:
+    def __init__(self, settings: Settings, job: JobRecord, run_id: str | None = None) -> None:
+        self.settings = settings
+        self.job = job
+        self.run_id = run_id
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "job": self.job, "run_id": self.run_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @functools.cached_property
+    def _engine(self):  # noqa: ANN202
+        return make_engine(self.settings.resolved_database_url)
+
+    @functools.cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self._engine)
+
+    @functools.cached_property
+    def files(self) -> FileCatalog:
+        return FileCatalog(self._engine)
+
+    @functools.cached_property
+    def store(self) -> ObjectStore:
+        return ObjectStore.from_settings(self.settings)
+
+    def event(self, message: str, step: int | None = None, loss: float | None = None) -> None:
+        self.jobs.add_event(self.job.id, message, step=step, loss=loss)
+
+    def dataset(self) -> list:
+        job = self.job
         record = self.files.get(job.tenant_id, job.training_file)
         if record is None:
             raise RuntimeError(f"training file {job.training_file} no longer exists")
@@ -90,25 +118,73 @@ class Worker:
             raise RuntimeError(f"training file {record.id} does not match its recorded sha256")
         return read_dataset_zip(data)
 
-    def _latest_checkpoint(self, job: JobRecord) -> dict | None:
+    def latest_checkpoint(self, announce: bool = True) -> dict | None:
         import torch
 
-        steps = checkpoint_steps(self.store, job)
+        steps = checkpoint_steps(self.store, self.job)
         if not steps:
             return None
         step, key = steps[-1]
         state = torch.load(io.BytesIO(self.store.get_bytes(key)), weights_only=False)
-        self.jobs.add_event(job.id, f"resuming from the checkpoint at step {step}", step=step)
+        if announce:
+            self.event(f"resuming from the checkpoint at step {step}", step=step)
         return state
 
-    def _save_checkpoint(self, job: JobRecord, step: int, state: dict) -> None:
+    def save_checkpoint(self, step: int, state: dict) -> None:
         import torch
 
         buf = io.BytesIO()
         torch.save(state, buf)
-        key = f"{checkpoint_prefix(job)}step-{step:06d}.pt"
-        self.store.put_bytes(key, buf.getvalue())
-        self.jobs.add_event(job.id, f"checkpoint saved at step {step}", step=step)
+        self.store.put_bytes(f"{checkpoint_prefix(self.job)}step-{step:06d}.pt", buf.getvalue())
+        self.event(f"checkpoint saved at step {step}", step=step)
+
+    def progress(self, step: int, total: int, loss: float) -> None:
+        import mlflow
+
+        mlflow.MlflowClient(self.settings.resolved_mlflow_uri).log_metric(
+            self.run_id, "loss", loss, step=step
+        )
+        if step % EVENT_EVERY == 0 or step == total:
+            self.event(f"step {step}/{total}", step=step, loss=loss)
+
+    def should_stop(self) -> bool:
+        return self.jobs.cancel_requested(self.job.id)
+
+    def adapter_prefix(self) -> str:
+        return f"{tenant_prefix(self.job.tenant_id)}jobs/{self.job.id}/adapter/"
+
+    def upload_adapter(self, folder: Path) -> None:
+        """Hand the trained adapter to the job's process, wherever training ran."""
+        for path in sorted(folder.iterdir()):
+            self.store.put_bytes(self.adapter_prefix() + path.name, path.read_bytes())
+
+    def download_adapter(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for obj in self.store.list(self.adapter_prefix()):
+            (folder / obj.key.rsplit("/", 1)[-1]).write_bytes(self.store.get_bytes(obj.key))
+        return folder
+
+
+def train_kwargs(job: JobRecord, settings: Settings) -> dict:
+    """`train_lora` arguments of a job, from its hyperparameters."""
+    hp = job.spec["hyperparameters"]
+    return {
+        "steps": hp["steps"],
+        "rank": hp["rank"],
+        "alpha": hp["alpha"],
+        "lr": hp["learning_rate"],
+        "batch_size": hp["batch_size"],
+        "gradient_accumulation_steps": hp.get("gradient_accumulation_steps", 1),
+        "seed": job.spec["seed"],
+        "checkpoint_every": settings.fine_tune_checkpoint_every,
+    }
+
+
+class Worker:
+    def __init__(self, settings: Settings, job_id: str) -> None:
+        self.settings = settings
+        self.jobs = JobStore(make_engine(settings.resolved_database_url))
+        self.job_id = job_id
 
     def run(self) -> int:
         job = self.jobs.mark_running(self.job_id, os.getpid())
@@ -151,12 +227,13 @@ class Worker:
         from registry.base_models import ensure_base_model
 
         spec, hp = job.spec, job.spec["hyperparameters"]
+        reporter = JobReporter(self.settings, job, run_id)
         base = ensure_base_model(
             job.base_model, self.settings.state_path / "models", self.settings.max_image_side
         )
-        examples = self._dataset(job)
-        self.jobs.add_event(job.id, f"dataset loaded: {len(examples)} images")
-        resume = self._latest_checkpoint(job)
+        examples = reporter.dataset()
+        reporter.event(f"dataset loaded: {len(examples)} images")
+        resume = reporter.latest_checkpoint()
         if resume is None:
             mlflow.log_params(
                 {
@@ -169,33 +246,28 @@ class Worker:
                     "images": len(examples),
                 }
             )
-
-        def progress(step: int, total: int, loss: float) -> None:
-            mlflow.log_metric("loss", loss, step=step)
-            if step % EVENT_EVERY == 0 or step == total:
-                self.jobs.add_event(job.id, f"step {step}/{total}", step=step, loss=loss)
-
+        workers = hp.get("workers", 1)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "adapter"
-            train_lora(
-                base.path,
-                examples,
-                out,
-                steps=hp["steps"],
-                rank=hp["rank"],
-                alpha=hp["alpha"],
-                lr=hp["learning_rate"],
-                batch_size=hp["batch_size"],
-                gradient_accumulation_steps=hp.get("gradient_accumulation_steps", 1),
-                seed=spec["seed"],
-                progress=progress,
-                checkpoint_every=self.settings.fine_tune_checkpoint_every,
-                on_checkpoint=lambda step, state: self._save_checkpoint(job, step, state),
-                resume=resume,
-                should_stop=lambda: self.jobs.cancel_requested(job.id),
-            )
+            if workers > 1:
+                from finetune.distributed import train_data_parallel
+
+                reporter.event(f"training data-parallel on {workers} Ray Train workers")
+                train_data_parallel(reporter, base.path, workers, resume is not None)
+                reporter.download_adapter(out)
+            else:
+                train_lora(
+                    base.path,
+                    examples,
+                    out,
+                    progress=reporter.progress,
+                    on_checkpoint=reporter.save_checkpoint,
+                    resume=resume,
+                    should_stop=reporter.should_stop,
+                    **train_kwargs(job, self.settings),
+                )
             self._log_validation(base, out, spec)
-            record = self.files.get(job.tenant_id, job.training_file)
+            record = reporter.files.get(job.tenant_id, job.training_file)
             registry = AdapterRegistry(self.settings.resolved_mlflow_uri)
             # A process that died between registering and recording must not register twice.
             done = (
@@ -226,7 +298,7 @@ class Worker:
                     "steps": str(hp["steps"]),
                 },
             )
-        self.jobs.add_event(job.id, f"registered {job.tenant_id}.{job.brand} v{version.version}")
+        reporter.event(f"registered {job.tenant_id}.{job.brand} v{version.version}")
         return version.version
 
     def _log_validation(self, base, adapter_dir: Path, spec: dict) -> None:  # noqa: ANN001
@@ -278,4 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's own copy, not __main__'s: Ray pickles objects of __main__ classes by value,
+    # and JobReporter must travel to Ray Train workers by reference.
+    from finetune.job import main as module_main
+
+    sys.exit(module_main())

@@ -32,14 +32,15 @@ class JobLauncher:
         # Inside the farm (a Serve replica) Ray is connected; ask the cluster what it has.
         return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
-    def submit(self, job_id: str, tenant_id: str) -> str:
+    def submit(self, job_id: str, tenant_id: str, data_parallel: bool = False) -> str:
+        """Submit the job; a data-parallel job's GPUs go to its Ray Train workers instead."""
         try:
             return self._client().submit_job(
                 entrypoint=f"{self.python} -m finetune.job {job_id}",
                 submission_id=job_id,
                 runtime_env={"env_vars": self.settings.to_env()},
                 entrypoint_num_cpus=self.settings.fine_tune_num_cpus,
-                entrypoint_num_gpus=self._num_gpus(),
+                entrypoint_num_gpus=0.0 if data_parallel else self._num_gpus(),
                 metadata={"tenant": tenant_id, "brandfarm_job": job_id},
             )
         except Exception as e:  # noqa: BLE001 - the SDK raises plain RuntimeError/HTTP errors

@@ -143,7 +143,9 @@ def train_lora(
 
     # Accelerate places the models and, on a GPU, trains in mixed precision with the LoRA
     # weights kept in fp32.
+    # `cpu=True` without CUDA: then a multi-process launch (Ray Train) is data-parallel over gloo.
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_mixed_precision(mixed_precision),
         gradient_accumulation_steps=gradient_accumulation_steps,
     )

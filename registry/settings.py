@@ -147,6 +147,12 @@ class Settings(BaseSettings):
         3, ge=1, le=20, description="Training processes a job may start (retries after a death)."
     )
     fine_tune_num_cpus: float = Field(1.0, ge=0, description="CPUs a fine-tune job reserves.")
+    fine_tune_max_workers: int = Field(
+        8, ge=1, le=256, description="Most Ray Train workers one job may ask for (data parallel)."
+    )
+    fine_tune_cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each Ray Train worker of a data-parallel job reserves."
+    )
     fine_tune_num_gpus: float | None = Field(
         None, ge=0, description="GPUs a job reserves; unset: 1 when the cluster has GPUs, else 0."
     )

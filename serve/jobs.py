@@ -35,6 +35,7 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(4, description="Images per step (1..64).")
     resolution: int | None = Field(None, description="Training side; the model's native size.")
     gradient_accumulation_steps: int = Field(1, description="Micro-batches per step (1..64).")
+    workers: int = Field(1, description="Ray Train workers; > 1 trains data-parallel.")
 
 
 class FineTuneJobRequest(BaseModel):
@@ -119,6 +120,7 @@ class JobService:
             "rank": (hp.rank, 1, 128),
             "batch_size": (hp.batch_size, 1, 64),
             "gradient_accumulation_steps": (hp.gradient_accumulation_steps, 1, 64),
+            "workers": (hp.workers, 1, s.fine_tune_max_workers),
         }
         for name, (value, lo, hi) in bounds.items():
             if not lo <= value <= hi:
@@ -177,7 +179,9 @@ class JobService:
         )
         if created:
             try:
-                self.launcher.submit(job.id, tenant_id)
+                self.launcher.submit(
+                    job.id, tenant_id, data_parallel=req.hyperparameters.workers > 1
+                )
             except LaunchError as e:
                 self.jobs.finish(job.id, "failed", error=str(e))
                 raise APIError(503, f"{e}; retry shortly", code="cluster_unavailable") from e

@@ -48,7 +48,9 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
     return Settings(
         state_dir=state_dir,
         startup_timeout_s=300,
-        ray_num_cpus=2,
+        # Logical CPUs (Ray allows more than the 2 cores): the replica and a job's entrypoint
+        # take one each, and a data-parallel job's two Ray Train workers one each.
+        ray_num_cpus=4,
         dataset_max_upload_bytes=4 * 1024 * 1024,  # small, so the 413 tests send little
         fine_tune_checkpoint_every=4,
         **ports,

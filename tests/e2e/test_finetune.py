@@ -283,3 +283,30 @@ def test_cli_submit_wait_and_adapters_api(farm, tenant, tmp_path):
     assert r.json()["error"]["message"].replace("acme", "X") == missing.json()["error"][
         "message"
     ].replace("no-such-brand", "X")
+
+
+def test_data_parallel_job_on_two_ray_train_workers(farm, tenant):
+    key, file_id = tenant
+    job = _create(
+        farm,
+        key,
+        file_id,
+        8,
+        brand="acme-dp",
+        hyperparameters={"steps": 8, "rank": 4, "alpha": 4, "batch_size": 2, "workers": 2},
+    )
+    job, events = _wait(farm, key, job["id"], _done)
+    assert job["status"] == "succeeded", events[-5:]
+    messages = [e["message"] for e in events]
+    assert "training data-parallel on 2 Ray Train workers" in messages
+    assert "checkpoint saved at step 8" in messages  # rank 0 reports for the group
+    assert len(_job_versions(farm, "tune-co", "acme-dp", job["id"])) == 1
+    # Two Ray Train workers really ran on the cluster (Ray's state API, not our bookkeeping).
+    from ray.util.state import list_actors
+
+    workers = list_actors(
+        address=farm.settings.ray_dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker")],
+        limit=100,
+    )
+    assert len(workers) >= 2
