@@ -130,7 +130,7 @@ class TenantDirectory:
                 row.revoked_at = utcnow()
             return row.tenant_id
 
-    def list_tenants(self) -> list[Tenant]:
+    def _tenants(self, tenant_id: str | None) -> list[Tenant]:
         with Session(self.engine) as s:
             active = (
                 select(ApiKeyRow.tenant_id, func.count().label("n"))
@@ -138,15 +138,21 @@ class TenantDirectory:
                 .group_by(ApiKeyRow.tenant_id)
                 .subquery()
             )
-            rows = s.execute(
-                select(TenantRow, func.coalesce(active.c.n, 0))
-                .outerjoin(active, active.c.tenant_id == TenantRow.id)
-                .order_by(TenantRow.id)
-            ).all()
+            q = select(TenantRow, func.coalesce(active.c.n, 0)).outerjoin(
+                active, active.c.tenant_id == TenantRow.id
+            )
+            if tenant_id is not None:
+                q = q.where(TenantRow.id == tenant_id)
+            rows = s.execute(q.order_by(TenantRow.id)).all()
             return [Tenant(t.id, t.created_at, t.images_per_hour, int(n)) for t, n in rows]
 
+    def list_tenants(self) -> list[Tenant]:
+        return self._tenants(None)
+
     def get_tenant(self, tenant_id: str) -> Tenant | None:
-        return next((t for t in self.list_tenants() if t.id == tenant_id), None)
+        """One tenant (a single-row query: the render path asks this on every request)."""
+        found = self._tenants(tenant_id)
+        return found[0] if found else None
 
     def authenticate(self, key: str | None) -> str | None:
         """The tenant id a key belongs to, or None. Same work whether or not the key exists."""
