@@ -1,0 +1,68 @@
+"""The farm's Ray Serve config file (`serve deploy`, KubeRay `serveConfigV2`) from `Settings`.
+
+Its deployment options are the ones `serve.app.build_app` sets in code, and its `args` rebuild
+the same `Settings` in `serve.builder:app` on the cluster, so a config file cannot drift from the
+app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import SecretStr
+
+from registry.settings import Settings
+
+APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
+IMPORT_PATH = "serve.builder:app"
+INGRESS = "Ingress"
+REPLICA = "DiffusionReplica"
+# Not secrets by type, but a Postgres URL carries its password: these come from env only.
+ENV_ONLY_FIELDS = frozenset({"database_url", "mlflow_backend_uri"})
+
+
+def secret_fields() -> frozenset[str]:
+    """Settings fields left out of a config file: `SecretStr` fields and `ENV_ONLY_FIELDS`."""
+    typed = {
+        name
+        for name, field in Settings.model_fields.items()
+        if SecretStr in getattr(field.annotation, "__args__", (field.annotation,))
+    }
+    return frozenset(typed | ENV_ONLY_FIELDS)
+
+
+def settings_args(settings: Settings) -> dict[str, Any]:
+    """The application's `args`: every non-secret field whose value differs from its default,
+    as JSON values. Fields not listed (secrets, endpoints left at default) come from the
+    replicas' `BRANDFARM_*` environment; a listed field wins over the environment."""
+    values = settings.model_dump(mode="json", exclude=set(secret_fields()))
+    defaults = Settings.model_construct().model_dump(mode="json", exclude=set(secret_fields()))
+    return {name: value for name, value in values.items() if value != defaults[name]}
+
+
+def serve_config(settings: Settings) -> dict[str, Any]:
+    """The Serve config-file dict (Ray's `ServeDeploySchema`) that deploys this farm's app."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.host, "port": settings.api_port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": settings_args(settings),
+                "deployments": [
+                    {"name": INGRESS, "ray_actor_options": {"num_cpus": 0}},
+                    {
+                        "name": REPLICA,
+                        "num_replicas": settings.num_replicas,
+                        "max_ongoing_requests": settings.max_ongoing_requests,
+                        "ray_actor_options": {
+                            "num_cpus": settings.replica_num_cpus,
+                            "num_gpus": settings.replica_num_gpus,
+                        },
+                    },
+                ],
+            }
+        ],
+    }
