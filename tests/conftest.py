@@ -99,9 +99,7 @@ class Farm:
 
     def cli_env(self, api_key: str | None = None) -> dict[str, str]:
         """Environment for `brandfarm` CLI calls against this farm (CliRunner's env=)."""
-        s = self.settings
-        env = {f"BRANDFARM_{f.upper()}": str(getattr(s, f)) for f in PORT_FIELDS}
-        env["BRANDFARM_STATE_DIR"] = str(s.state_dir)
+        env = self.settings.to_env()  # all of them: `up` must compute the very same argv
         if api_key:
             env["BRANDFARM_API_KEY"] = api_key
         return env
