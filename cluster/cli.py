@@ -23,6 +23,8 @@ tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=Tr
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
+base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
+app.add_typer(base_model_app, name="base-model")
 console = Console()
 err = Console(stderr=True)
 
@@ -164,6 +166,21 @@ def demo(
         raise _fail(e) from e
     except httpx.HTTPError as e:
         raise _fail(RuntimeError(f"the API answered with an error: {e}")) from e
+
+
+@base_model_app.command(
+    "train",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+)
+def base_model_train(ctx: typer.Context) -> None:
+    """Train the built-in base model from its seed (flags: `brandfarm base-model train --help`)."""
+    from finetune.base_model import main as train_main
+
+    train_main(ctx.args)
 
 
 def main() -> None:

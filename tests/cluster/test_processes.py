@@ -81,3 +81,10 @@ def test_cli_tenants_commands(tmp_path):
     assert revoked.exit_code == 0 and "revoked" in revoked.output
     bad = runner.invoke(app, ["up"], env={**env, "BRANDFARM_NUM_REPLICAS": "0"})
     assert bad.exit_code == 2 and "num_replicas" in bad.output
+
+
+def test_cli_base_model_train_forwards_to_the_training_script():
+    result = CliRunner().invoke(app, ["base-model", "train", "--help"])
+    assert result.exit_code == 0, result.output
+    for flag in ("--out", "--steps", "--seed", "--batch-size"):
+        assert flag in result.output
