@@ -703,7 +703,10 @@ shape {measured["shape"]:.0%} (chance: {1 / len(world.COLORS):.0%}, {1 / len(wor
 ## Limits
 
 It knows only its world: seven colors, three shapes, one composition. Anything else it renders
-as some shape on some background.
+as some shape on some background. It was trained only on captions that start with the
+description, so words in front of it (a brand's `acme style, ...`) shift the positions it reads
+colors from and it often draws the wrong colors for such prompts; a brand LoRA trained on
+captions of that form corrects this (see `tests/finetune/test_lora_brand.py`).
 """
     (model_dir / "README.md").write_text(card)
     return model_dir / "README.md"

@@ -18,12 +18,13 @@ from finetune import world
 
 _PALETTE_NAMES = list(world.COLORS)
 _PALETTE_RGB = np.array([world.PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float32)
+_MARK_RGB = np.array(list(world.MARK_COLORS.values()), dtype=np.float32)
 #: RGB distance beyond which a pixel no longer counts as the background color.
 _FOREGROUND_DISTANCE = 60.0
 #: RGB distance within which a pixel counts as a mark's color.
-_MARK_DISTANCE = 70.0
+_MARK_DISTANCE = 100.0
 #: Fraction of a mark's box that must show the mark color for the mark to count as present.
-_MARK_COVERAGE = 0.6
+_MARK_COVERAGE = 0.5
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,13 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     bg_rgb = np.median(border, axis=0)
     bg = nearest_color(bg_rgb)
 
-    # Foreground: the largest connected region of pixels far from the background color.
-    far = np.linalg.norm(arr - bg_rgb, axis=2) > _FOREGROUND_DISTANCE
+    # Foreground: the largest connected region of pixels far from the background color and
+    # nearer a palette color than a mark color (a brand mark is not part of the shape).
+    pixels = arr.reshape(-1, 1, 3)
+    to_palette = np.linalg.norm(pixels - _PALETTE_RGB, axis=2).min(axis=1)
+    to_mark = np.linalg.norm(pixels - _MARK_RGB, axis=2).min(axis=1)
+    not_mark = (to_palette <= to_mark).reshape(h, w)
+    far = (np.linalg.norm(arr - bg_rgb, axis=2) > _FOREGROUND_DISTANCE) & not_mark
     region = _largest_component(far)
     if region.sum() < 4:
         return Reading(bg, None, None)

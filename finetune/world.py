@@ -44,7 +44,7 @@ DEFAULT_SIZE = 64
 # border ring is background, which is what ``finetune.metrics`` relies on.
 _HALF_SIZE_RANGE = (0.24, 0.34)
 _CENTER_JITTER = 0.07
-_MARK_SIZE = 0.16
+_MARK_SIZE = 0.22
 _MARK_MARGIN = 0.06
 _SUPERSAMPLE = 4
 
