@@ -94,7 +94,7 @@ class Settings(BaseSettings):
 
     # --- model and replicas -------------------------------------------------------------------
     base_model: str = Field(
-        "tiny-sd-random",
+        "brandfarm-shapes",
         description="Base model: a catalog id, a local diffusers folder, or a hub id.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
