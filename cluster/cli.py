@@ -154,7 +154,7 @@ def tenants_revoke_key(
 @app.command()
 def demo(
     tenant: Annotated[str, typer.Option(help="Tenant the demo renders for.")] = "demo",
-    tune_steps: Annotated[int, typer.Option(help="Steps of the demo's brand fine-tune.")] = 150,
+    tune_steps: Annotated[int, typer.Option(help="Steps of the demo's brand fine-tune.")] = 500,
 ) -> None:
     """Bring the farm up, render prompts over HTTP, fine-tune a brand, write a contact sheet."""
     from cluster.demo import run_demo
