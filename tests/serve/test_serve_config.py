@@ -129,8 +129,14 @@ def test_config_deploys_the_options_build_app_sets():
 def test_builder_builds_that_app_from_the_configs_args(tmp_path):
     from serve.builder import app as builder
 
-    s = Settings(state_dir=tmp_path / "state", num_replicas=2, max_ongoing_requests=5)
+    # tiny-sd-random is built into <state_dir>/models: its folder proves the args were honoured.
+    s = Settings(
+        state_dir=tmp_path / "state",
+        base_model="tiny-sd-random",
+        num_replicas=2,
+        max_ongoing_requests=5,
+    )
     config = serve_config(s)
-    built = builder(application(config)["args"])  # builds the tiny model once, in tmp_path
+    built = builder(application(config)["args"])
     assert_config_matches_code(config, built)
     assert (tmp_path / "state" / "models").is_dir()
