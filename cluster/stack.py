@@ -193,26 +193,31 @@ class LocalStack:
             out.append(self._ray(s))
         return out
 
-    def start(self, name: str) -> bool:
-        """Start one embedded component (s3, mlflow, ray) on its own; True if started now."""
-        s = self.resolved_settings(create=True)
-        component = next((c for c in self._components(s) if c.spec.name == name), None)
-        if component is None:
-            raise StackError(f"no embedded component {name!r} (it is configured as external)")
+    @staticmethod
+    def _named(components: list[ManagedProcess], name: str) -> ManagedProcess:
+        for c in components:
+            if c.spec.name == name:
+                return c
+        raise StackError(
+            f"no embedded component {name!r} (configured as external, or never started)"
+        )
+
+    def _start(self, component: ManagedProcess, s: Settings) -> bool:
         started = component.start(s.startup_timeout_s)
-        if name == "s3":
+        if component.spec.name == "s3":
             store = ObjectStore.from_settings(s)
             store.ensure_bucket(s.s3_bucket)
             store.ensure_bucket(s.mlflow_artifacts_bucket)
         return started
 
+    def start(self, name: str) -> bool:
+        """Start one embedded component (s3, mlflow, ray) on its own; True if started now."""
+        s = self.resolved_settings(create=True)
+        return self._start(self._named(self._components(s), name), s)
+
     def component(self, name: str) -> ManagedProcess:
         """The embedded component called `name` (s3, mlflow, ray)."""
-        s = self.resolved_settings()
-        for c in self._components_for_stop(s):
-            if c.spec.name == name:
-                return c
-        raise StackError(f"no embedded component {name!r} (external, or never started)")
+        return self._named(self._components_for_stop(self.resolved_settings()), name)
 
     def ray_address(self, s: Settings) -> str:
         return s.ray_address or f"{s.host}:{s.ray_gcs_port}"
@@ -227,7 +232,7 @@ class LocalStack:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         for component in self._components(s):
             self.progress(f"starting {component.spec.name} on port {component.spec.port}")
-            started = self.start(component.spec.name)
+            started = self._start(component, s)
             self.progress(f"{component.spec.name}: {'started' if started else 'already running'}")
         self.progress(f"base model {s.base_model}")
         model = self.base_model(s)
