@@ -53,6 +53,15 @@ class InvalidField(APIError):
         super().__init__(status, message, param=param, code=code or "invalid_value")
 
 
+class StorageUnavailable(APIError):
+    """The object store failed during a request: a retryable 503 (nothing was kept)."""
+
+    def __init__(self, retry: str = "retry shortly") -> None:
+        super().__init__(
+            503, f"the object store is unavailable; {retry}", code="storage_unavailable"
+        )
+
+
 def error_response(
     status: int,
     message: str,

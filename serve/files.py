@@ -13,7 +13,7 @@ from finetune.datasets import DatasetLimits, DatasetRejected, validate_dataset_z
 from registry.db import utcnow
 from registry.files import FileCatalog, FileRecord, new_file_id
 from registry.storage import ObjectStore, StorageError, tenant_prefix
-from serve.errors import APIError, InvalidField
+from serve.errors import APIError, InvalidField, StorageUnavailable
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
@@ -69,9 +69,7 @@ class FileService:
             await asyncio.to_thread(self._store_verified, key, data, summary.sha256)
         except StorageError as e:
             log.error("storing %s failed: %s", key, e)
-            raise APIError(
-                503, "the object store is unavailable; retry the upload", code="storage_unavailable"
-            ) from e
+            raise StorageUnavailable("retry the upload") from e
         record = FileRecord(
             id=file_id,
             tenant_id=tenant_id,
@@ -106,8 +104,6 @@ class FileService:
         try:
             self.store.delete(record.object_key)
         except StorageError as e:
-            raise APIError(
-                503, "the object store is unavailable; retry", code="storage_unavailable"
-            ) from e
+            raise StorageUnavailable() from e
         self.catalog.remove(tenant_id, file_id)
         return {"id": file_id, "object": "file", "deleted": True}

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
-from serve.errors import APIError
+from serve.errors import APIError, StorageUnavailable
 from serve.protocol import (
     ImageData,
     ImageGenerationRequest,
@@ -119,11 +119,7 @@ class ImageService:
                 keys = await asyncio.to_thread(self._store_all, tenant_id, render_id, images)
             except StorageError as e:
                 log.error("storing render %s failed: %s", render_id, e)
-                raise APIError(
-                    503,
-                    "the object store is unavailable; retry shortly",
-                    code="storage_unavailable",
-                ) from e
+                raise StorageUnavailable() from e
             await asyncio.to_thread(
                 self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
             )

@@ -18,7 +18,7 @@ from registry.files import FileCatalog
 from registry.jobs import TERMINAL, JobRecord, JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore, StorageError
-from serve.errors import APIError, InvalidField
+from serve.errors import APIError, InvalidField, StorageUnavailable
 from serve.protocol import MAX_SEED
 
 BRAND = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -233,9 +233,7 @@ class JobService:
         try:
             steps = checkpoint_steps(self.store, job)
         except StorageError as e:
-            raise APIError(
-                503, "the object store is unavailable; retry", code="storage_unavailable"
-            ) from e
+            raise StorageUnavailable() from e
         return {
             "object": "list",
             "data": [
