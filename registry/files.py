@@ -9,7 +9,7 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, select
+from sqlalchemy import DateTime, ForeignKey, Integer, String, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -104,4 +104,4 @@ class FileCatalog:
 
     def count(self) -> int:
         with Session(self.engine) as s:
-            return len(s.scalars(select(FileRow.id)).all())
+            return int(s.scalar(select(func.count()).select_from(FileRow)) or 0)

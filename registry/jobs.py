@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -263,7 +264,7 @@ class JobStore:
 
     def count(self) -> int:
         with Session(self.engine) as s:
-            return len(s.scalars(select(JobRow.id)).all())
+            return int(s.scalar(select(func.count()).select_from(JobRow)) or 0)
 
     def cancel_requested(self, job_id: str) -> bool:
         with Session(self.engine) as s:
