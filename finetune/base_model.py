@@ -590,6 +590,20 @@ def render_prompts(
     return images
 
 
+def render_at_defaults(
+    pipe: StableDiffusionPipeline, defaults: dict[str, Any], prompts: Sequence[str], seed: int
+) -> list[Image.Image]:
+    """``render_prompts`` at a saved model's recorded default steps, guidance and size."""
+    return render_prompts(
+        pipe,
+        prompts,
+        seed=seed,
+        steps=defaults["default_steps"],
+        guidance_scale=defaults["default_guidance_scale"],
+        size=defaults["default_size"],
+    )
+
+
 def heldout_adherence(model_dir: str | Path, seed: int = 1234) -> dict[str, float]:
     """Adherence of the saved pipeline on every held-out combo, at its recorded defaults."""
     from finetune.metrics import prompt_adherence  # keeps metrics optional for training
@@ -598,14 +612,7 @@ def heldout_adherence(model_dir: str | Path, seed: int = 1234) -> dict[str, floa
     pipe.set_progress_bar_config(disable=True)
     defaults = load_defaults(model_dir)
     prompts = [world.caption(c) for c in world.heldout_combos()]
-    images = render_prompts(
-        pipe,
-        prompts,
-        seed=seed,
-        steps=defaults["default_steps"],
-        guidance_scale=defaults["default_guidance_scale"],
-        size=defaults["default_size"],
-    )
+    images = render_at_defaults(pipe, defaults, prompts, seed)
     result = prompt_adherence(images, prompts)
     return {"prompts": len(prompts), "bg": result.bg, "fg": result.fg, "shape": result.shape}
 

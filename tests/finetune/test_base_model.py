@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from finetune import metrics, world
-from finetune.base_model import BaseModelConfig, load_defaults, render_prompts, train_base_model
+from finetune.base_model import BaseModelConfig, load_defaults, render_at_defaults, train_base_model
 
 SHIPPED = Path(__file__).resolve().parents[2] / "registry" / "builtin" / "brandfarm-shapes"
 #: Thresholds of the issue (chance is about 1/7, 1/7 and 1/3).
@@ -53,14 +53,7 @@ def test_shipped_model_follows_heldout_prompts() -> None:
     defaults = load_defaults(SHIPPED)
     prompts = [world.caption(c) for c in world.heldout_combos()]
     assert len(prompts) >= 30
-    images = render_prompts(
-        pipe,
-        prompts,
-        seed=RENDER_SEED,
-        steps=defaults["default_steps"],
-        guidance_scale=defaults["default_guidance_scale"],
-        size=defaults["default_size"],
-    )
+    images = render_at_defaults(pipe, defaults, prompts, RENDER_SEED)
     assert images[0].size == (defaults["default_size"],) * 2
     result = metrics.prompt_adherence(images, prompts)
     print(

@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from finetune import metrics, world
-from finetune.base_model import load_defaults, render_prompts
+from finetune.base_model import load_defaults, render_at_defaults
 from finetune.train import LORA_WEIGHT_NAME, load_examples, train_lora
 
 SHIPPED = Path(__file__).resolve().parents[2] / "registry" / "builtin" / "brandfarm-shapes"
@@ -73,14 +73,7 @@ def test_lora_raises_brand_score(brand_lora: Path) -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def render() -> list:
-        return render_prompts(
-            pipe,
-            prompts,
-            seed=RENDER_SEED,
-            steps=defaults["default_steps"],
-            guidance_scale=defaults["default_guidance_scale"],
-            size=defaults["default_size"],
-        )
+        return render_at_defaults(pipe, defaults, prompts, RENDER_SEED)
 
     base = metrics.brand_score(render(), brand)
     pipe.load_lora_weights(brand_lora)
