@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -44,6 +43,15 @@ from mlflow.entities import LoggedModel, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+from registry.adapter_refs import (  # noqa: F401 - re-exported
+    _NAME,
+    PRODUCTION,
+    AdapterRef,
+    check_alias,
+    check_name,
+    check_version,
+)
+
 T = TypeVar("T")
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -53,7 +61,6 @@ _LOGGED_MODEL_NAME = "adapter"
 #: Written by `finetune.train.train_lora` next to the weights; holds the base model's folder.
 _TRAINING_SUMMARY = "lora_training.json"
 
-PRODUCTION = "production"  # the alias a bare brand ("acme") resolves to
 STAGING = "staging"  # the alias every new version takes
 #: Tags the caller of `register` must supply (values are stored as strings).
 LINEAGE_TAGS = (
@@ -69,11 +76,6 @@ LINEAGE_TAGS = (
 #: Tags the registry sets itself.
 TENANT_TAG, BRAND_TAG, SHA256_TAG = "tenant", "brand", "sha256"
 
-# Tenant ids and brands share one shape; it holds no LIKE wildcard (`%`, `_`), quote or dot.
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_MLFLOW_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$")  # MLflow refuses these
-_REF = re.compile(r"^(?P<brand>[^@:]*)(?:@(?P<alias>[^@:]*)|:(?P<version>[^@:]*))?$")
 _MISSING = "RESOURCE_DOES_NOT_EXIST"
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
 
@@ -90,36 +92,9 @@ class AdapterCorrupt(RegistryError):
     """Stored adapter weights do not match their sha256: a half or altered upload."""
 
 
-def _check_name(field_name: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError(
-            f"{field_name} {value!r} is invalid: use 2-63 characters of a-z, 0-9 and '-', "
-            "starting with a letter or digit"
-        )
-    return value
-
-
-def check_alias(alias: str) -> str:
-    """Validate an alias name (`production`, `staging`, `canary`, ...) or raise `ValueError`."""
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
-        raise ValueError(
-            f"alias {alias!r} is invalid: use 1-32 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter"
-        )
-    if _MLFLOW_RESERVED_ALIAS.match(alias):
-        raise ValueError(f"alias {alias!r} is reserved by MLflow ('latest' and 'v<number>')")
-    return alias
-
-
-def _check_version(version: int) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version {version!r} is invalid: use a positive integer")
-    return version
-
-
 def registered_model_name(tenant: str, brand: str) -> str:
     """The MLflow registered-model name of a tenant's brand: ``<tenant>.<brand>``."""
-    return f"{_check_name('tenant', tenant)}.{_check_name('brand', brand)}"
+    return f"{check_name('tenant', tenant)}.{check_name('brand', brand)}"
 
 
 def sha256_file(path: Path) -> str:
@@ -128,46 +103,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """What a request names: ``acme`` (alias production), ``acme@staging`` or ``acme:3``."""
-
-    brand: str
-    alias: str | None = None
-    version: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_name("brand", self.brand)
-        if (self.alias is None) == (self.version is None):
-            raise ValueError("an adapter reference names exactly one of an alias or a version")
-        if self.alias is not None:
-            check_alias(self.alias)
-        else:
-            _check_version(self.version)
-
-    @classmethod
-    def parse(cls, text: str) -> AdapterRef:
-        """Parse ``brand``, ``brand@alias`` or ``brand:version``; `ValueError` says what's wrong."""
-        match = _REF.match(text) if isinstance(text, str) else None
-        if match is None:
-            raise ValueError(
-                f"adapter reference {text!r} is malformed: use 'brand', 'brand@alias' or "
-                "'brand:version' (e.g. 'acme', 'acme@staging', 'acme:3')"
-            )
-        brand, alias, version = match.group("brand", "alias", "version")
-        if version is not None:
-            if not (version.isascii() and version.isdigit()) or int(version) < 1:
-                raise ValueError(
-                    f"adapter reference {text!r}: the version after ':' must be a positive "
-                    "integer (e.g. 'acme:3')"
-                )
-            return cls(brand, version=int(version))
-        return cls(brand, alias=PRODUCTION if alias is None else alias)
-
-    def __str__(self) -> str:
-        return f"{self.brand}@{self.alias}" if self.alias else f"{self.brand}:{self.version}"
 
 
 @dataclass(frozen=True)
@@ -207,7 +142,7 @@ class AdapterRegistry:
 
     def brands(self, tenant: str) -> list[str]:
         """The tenant's brands that have a registered model, sorted."""
-        prefix = f"{_check_name('tenant', tenant)}."
+        prefix = f"{check_name('tenant', tenant)}."
         # LIKE may ignore case (MySQL collations) and keeps non-brand names: compare exactly after.
         found = self._search(self.client.search_registered_models, f"name LIKE '{prefix}%'")
         return sorted(
@@ -232,7 +167,7 @@ class AdapterRegistry:
     def get(self, tenant: str, brand: str, version: int) -> AdapterVersion:
         """One version; `AdapterNotFound` if the brand or the version does not exist."""
         name = registered_model_name(tenant, brand)
-        _check_version(version)
+        check_version(version)
         aliases = self._aliases(tenant, brand)
         mv = self._mlflow(
             f"get {name} v{version}",
@@ -359,6 +294,28 @@ class AdapterRegistry:
             target = dst_dir / WEIGHTS_NAME
             fetched.replace(target)
         return target
+
+    def weights_uri(self, version: AdapterVersion) -> str:
+        """The artifact URI of the version's weights file (`mlflow-artifacts:/...`, `s3://...`);
+        fixed for the life of the version, so callers may cache it."""
+        uri = self._mlflow(
+            f"locate {version.name} v{version.version}",
+            self.client.get_model_version_download_uri,
+            version.name,
+            str(version.version),
+        )
+        return f"{uri.rstrip('/')}/{_FLAVOR_WEIGHTS}"
+
+    def fetch_weights_uri(self, uri: str, dst_dir: Path) -> Path:
+        """Download one artifact URI (e.g. from `weights_uri`) through the tracking server."""
+        return self._mlflow(
+            f"download {uri}",
+            mlflow.artifacts.download_artifacts,
+            artifact_uri=uri,
+            dst_path=str(dst_dir),
+            tracking_uri=self.tracking_uri,
+            registry_uri=self.tracking_uri,
+        )
 
     def _fetch_weights(self, artifacts_uri: str, dst_dir: Path) -> Path:
         """Download the weights file from a logged model's artifact location into ``dst_dir``."""

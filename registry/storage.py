@@ -92,7 +92,8 @@ class ObjectStore:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ObjectStore:
+    def from_settings(cls, settings: Settings, bucket: str | None = None) -> ObjectStore:
+        """The farm's object store; `bucket` defaults to the tenant bucket (`s3_bucket`)."""
         if settings.s3_access_key is None or settings.s3_secret_key is None:
             raise StorageError(
                 "no S3 credentials: run `brandfarm up` (embedded store) or set "
@@ -102,7 +103,7 @@ class ObjectStore:
             endpoint=settings.resolved_s3_endpoint,
             access_key=settings.s3_access_key.get_secret_value(),
             secret_key=settings.s3_secret_key.get_secret_value(),
-            bucket=settings.s3_bucket,
+            bucket=bucket or settings.s3_bucket,
             region=settings.s3_region,
             public_endpoint=settings.s3_public_endpoint,
         )
