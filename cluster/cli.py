@@ -13,6 +13,7 @@ from rich.table import Table
 from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
+from cluster.topology import Topology
 from registry.base_models import BaseModelError
 from registry.settings import Settings, load_settings
 from registry.storage import StorageError
@@ -65,9 +66,32 @@ def up(
     redeploy: Annotated[
         bool, typer.Option(help="Redeploy the Serve app even if it already answers.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Local Ray worker nodes to start beside the head (ray_worker_nodes)."),
+    ] = None,
+    worker_gpus: Annotated[
+        int | None, typer.Option(help="GPUs each local worker node declares (ray_worker_gpus).")
+    ] = None,
+    worker_cpus: Annotated[
+        int | None, typer.Option(help="CPUs each local worker node declares (ray_worker_cpus).")
+    ] = None,
 ) -> None:
-    """Start the farm (idempotent): object store, MLflow, Ray head, the Serve app."""
-    settings = _settings(ray_address=address)
+    """Start the farm (idempotent): object store, MLflow, Ray head (and local worker nodes), the
+    Serve app. With --address the app (and fine-tune jobs) go to that existing Ray cluster."""
+    settings = _settings(
+        ray_address=address,
+        ray_worker_nodes=workers,
+        ray_worker_gpus=worker_gpus,
+        ray_worker_cpus=worker_cpus,
+    )
+    if settings.ray_address and settings.ray_worker_nodes:
+        err.print(
+            f"[red]invalid settings[/red]: ray_worker_nodes={settings.ray_worker_nodes} adds "
+            "local nodes to the embedded Ray head, but ray_address="
+            f"{settings.ray_address} names an existing cluster; drop --workers or --address"
+        )
+        raise typer.Exit(2)
     try:
         s = LocalStack(settings, _progress).up(redeploy=redeploy)
     except (StackError, StorageError, BaseModelError) as e:
@@ -90,15 +114,42 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Show each component and whether it answers."""
-    rows = LocalStack(_settings()).status()
+    """Show each component and whether it answers; then the Ray cluster's nodes, the diffusion
+    replicas on each node, and the adapters each replica holds."""
+    stack = LocalStack(_settings())
+    rows = stack.status()
     table = Table("component", "url", "managed", "pid", "answers")
     for r in rows:
         ok = "[green]yes[/green]" if r.answers else "[red]no[/red]"
         table.add_row(r.name, r.url, "embedded" if r.managed else "external", str(r.pid or "-"), ok)
     console.print(table)
+    if any(r.name == "ray" and r.answers for r in rows):
+        try:
+            _print_topology(stack.topology())
+        except Exception as e:  # noqa: BLE001 - the component table above still stands
+            err.print(f"[yellow]could not read the cluster's nodes and replicas:[/yellow] {e}")
     if not all(r.answers for r in rows):
         raise typer.Exit(1)
+
+
+def _print_topology(topology: Topology) -> None:
+    names = {n.node_id: n.name or n.ip for n in topology.nodes}
+    nodes = Table("node", "name", "ip", "CPUs", "GPUs", "replicas", title="Ray nodes")
+    for n in topology.nodes:
+        replicas = len(topology.replicas_on(n.node_id))
+        nodes.add_row(n.node_id[:12], n.name, n.ip, f"{n.cpus:g}", f"{n.gpus:g}", str(replicas))
+    console.print(nodes)
+    replicas = Table("replica", "node", "state", "adapters", "host cache", title="Replicas")
+    for r in topology.replicas:
+        node = f"{r.node_id[:12]} ({names.get(r.node_id, '?')})" if r.node_id else "-"
+        replicas.add_row(
+            "#".join(r.actor_name.split("#")[-2:]),  # DiffusionReplica#<replica id>
+            node,
+            r.state,
+            ", ".join(r.adapters) or "-",
+            ", ".join(r.host_cached) or "-",
+        )
+    console.print(replicas)
 
 
 @tenants_app.command("create")

@@ -27,11 +27,12 @@ class StackError(RuntimeError):
 class ProcessSpec:
     name: str
     argv: list[str]
-    port: int
-    port_setting: str  # the Settings field that moves the port, for error messages
+    port: int | None  # None: the process listens on no port of its own (a Ray worker node)
+    port_setting: str | None  # the Settings field that moves the port, for error messages
     probe: Callable[[], bool]  # True once the service answers
     env: dict[str, str] | None = None
     extra_ports: dict[str, int] = field(default_factory=dict)  # setting -> port, also checked
+    stop_timeout_s: float = 30.0  # grace between TERM and KILL
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -102,12 +103,13 @@ class ManagedProcess:
         if record is not None:
             if record.get("argv") != self.spec.argv:
                 raise StackError(
-                    f"{self.spec.name} is running (pid {record['pid']}, port {record.get('port')}) "
-                    "from an earlier `up` with other settings; run `brandfarm down` first"
+                    f"{self.spec.name} is running (pid {record['pid']}) from an earlier `up` with "
+                    "other settings; run `brandfarm down` first"
                 )
             self._wait(timeout_s, None)
             return False
-        check_port(self.host, self.spec.port, self.spec.port_setting, self.spec.name)
+        if self.spec.port is not None:
+            check_port(self.host, self.spec.port, self.spec.port_setting, self.spec.name)
         for setting, port in self.spec.extra_ports.items():
             check_port(self.host, port, setting, self.spec.name)
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +144,18 @@ class ManagedProcess:
             if self.spec.probe():
                 return
             time.sleep(0.5)
+        where = f" on port {self.spec.port}" if self.spec.port is not None else ""
         raise StackError(
-            f"{self.spec.name} did not answer on port {self.spec.port} within {timeout_s:.0f}s "
+            f"{self.spec.name} did not answer{where} within {timeout_s:.0f}s "
             f"(raise BRANDFARM_STARTUP_TIMEOUT_S if the machine is slow); "
             f"log {self.logfile}:\n{log_tail(self.logfile)}"
         )
 
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop the recorded process group (TERM, then KILL). True if something was stopped."""
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """Stop the recorded process group (TERM, then KILL after `timeout_s`, by default the
+        spec's `stop_timeout_s`). True if something was stopped."""
+        if timeout_s is None:
+            timeout_s = self.spec.stop_timeout_s
         pid = self.recorded_pid()
         self.pidfile.unlink(missing_ok=True)
         if pid is None:

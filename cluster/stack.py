@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from cluster.processes import ManagedProcess, ProcessSpec, StackError
+from cluster.topology import Topology, alive_nodes, local_worker_resource, read_topology
 from registry.base_models import BaseModelInfo, ensure_base_model
 from registry.settings import Settings, child_env
 from registry.storage import ObjectStore
@@ -43,6 +44,21 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+# A Ray node keeps nothing worth a long grace (the GCS holds no durable state here), and a head
+# whose GCS is gone leaves its raylet waiting on TERM for half a minute: KILL after 5 s.
+RAY_STOP_TIMEOUT_S = 5.0
+
+
+def _ray_env() -> dict[str, str]:
+    # Explicit, so that a token file left in ~/.ray by another Ray cluster cannot switch
+    # the embedded (loopback-only) cluster to token auth and lock our own clients out.
+    return child_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
+
+
+def _where(spec: ProcessSpec) -> str:
+    return f" on port {spec.port}" if spec.port is not None else ""
 
 
 def _bin(name: str) -> str:
@@ -159,10 +175,13 @@ class LocalStack:
             str(s.ray_client_port),
             "--dashboard-agent-listen-port",
             str(s.ray_dashboard_agent_port),
+            "--metrics-export-port",
+            str(s.ray_metrics_export_port),
             "--num-cpus",
             str(s.ray_num_cpus or os.cpu_count() or 1),
             "--object-store-memory",
             str(s.ray_object_store_mb * 1024 * 1024),
+            *self._worker_port_range(s),
             "--disable-usage-stats",
         ]
         probe = lambda: http_ok(f"{s.ray_dashboard_url}/api/version")  # noqa: E731
@@ -172,14 +191,65 @@ class LocalStack:
             s.ray_gcs_port,
             "ray_gcs_port",
             probe,
-            # Explicit, so that a token file left in ~/.ray by another Ray cluster cannot switch
-            # the embedded (loopback-only) head to token auth and lock our own clients out.
-            env=child_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}),
+            env=_ray_env(),
+            stop_timeout_s=RAY_STOP_TIMEOUT_S,
             extra_ports={
                 "ray_dashboard_port": s.ray_dashboard_port,
                 "ray_client_port": s.ray_client_port,
                 "ray_dashboard_agent_port": s.ray_dashboard_agent_port,
+                "ray_metrics_export_port": s.ray_metrics_export_port,
             },
+        )
+        return ManagedProcess(spec, self.state, s.host)
+
+    @staticmethod
+    def _worker_port_range(s: Settings) -> list[str]:
+        """Ray's worker processes take ports in this range on every node of the stack; Settings
+        keeps every service port outside it."""
+        return [
+            "--min-worker-port",
+            str(s.ray_min_worker_port),
+            "--max-worker-port",
+            str(s.ray_max_worker_port),
+        ]
+
+    def _ray_worker(self, s: Settings, index: int) -> ManagedProcess:
+        """Local worker node `index` (1-based): a second raylet on this machine that joins the
+        embedded head with declared CPUs and GPUs, and a resource naming it."""
+        resource = local_worker_resource(index)
+        argv = [
+            _bin("ray"),
+            "start",
+            "--block",
+            "--address",
+            self.ray_address(s),
+            "--node-ip-address",
+            s.host,
+            "--num-cpus",
+            str(s.ray_worker_cpus),
+            "--num-gpus",
+            str(s.ray_worker_gpus),
+            "--resources",
+            json.dumps({resource: 1}),
+            "--object-store-memory",
+            str(s.ray_object_store_mb * 1024 * 1024),
+            # The head owns the fixed ports (dashboard agent included); a worker node takes free
+            # ones, as Ray does for its other per-node ports (raylet, object manager, metrics).
+            "--dashboard-agent-listen-port",
+            "0",
+            *self._worker_port_range(s),
+            "--disable-usage-stats",
+        ]
+        dashboard = s.ray_dashboard_url
+        probe = lambda: any(resource in n["resources_total"] for n in alive_nodes(dashboard))  # noqa: E731
+        spec = ProcessSpec(
+            f"ray-worker-{index}",
+            argv,
+            None,
+            None,
+            probe,
+            env=_ray_env(),
+            stop_timeout_s=RAY_STOP_TIMEOUT_S,
         )
         return ManagedProcess(spec, self.state, s.host)
 
@@ -191,6 +261,8 @@ class LocalStack:
             out.append(self._mlflow(s))
         if not s.ray_address:
             out.append(self._ray(s))
+            # One at a time: raylets starting together on one host race for socket names.
+            out.extend(self._ray_worker(s, i) for i in range(1, s.ray_worker_nodes + 1))
         return out
 
     @staticmethod
@@ -211,12 +283,13 @@ class LocalStack:
         return started
 
     def start(self, name: str) -> bool:
-        """Start one embedded component (s3, mlflow, ray) on its own; True if started now."""
+        """Start one embedded component (s3, mlflow, ray, ray-worker-<i>) on its own; True if
+        started now."""
         s = self.resolved_settings(create=True)
         return self._start(self._named(self._components(s), name), s)
 
     def component(self, name: str) -> ManagedProcess:
-        """The embedded component called `name` (s3, mlflow, ray)."""
+        """The embedded component called `name` (s3, mlflow, ray, ray-worker-<i>)."""
         return self._named(self._components_for_stop(self.resolved_settings()), name)
 
     def ray_address(self, s: Settings) -> str:
@@ -231,7 +304,7 @@ class LocalStack:
         s = self.resolved_settings(create=True)
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         for component in self._components(s):
-            self.progress(f"starting {component.spec.name} on port {component.spec.port}")
+            self.progress(f"starting {component.spec.name}{_where(component.spec)}")
             started = self._start(component, s)
             self.progress(f"{component.spec.name}: {'started' if started else 'already running'}")
         self.progress(f"base model {s.base_model}")
@@ -292,11 +365,22 @@ class LocalStack:
                 stopped.append(component.spec.name)
         return stopped
 
+    def topology(self) -> Topology:
+        """The cluster's nodes, the diffusion replicas on each, and the adapters they hold."""
+        return read_topology(self.ray_address(self.resolved_settings()))
+
     def _components_for_stop(self, s: Settings) -> list[ManagedProcess]:
         # Without credentials (never started) there is nothing recorded to stop.
         if s.s3_access_key is None:
             return []
-        return self._components(s)
+        components = self._components(s)
+        # Worker nodes an earlier `up --workers N` recorded beyond today's count stop too.
+        configured = 0 if s.ray_address else s.ray_worker_nodes
+        for pidfile in (self.state / "run").glob("ray-worker-*.json"):
+            index = pidfile.stem.removeprefix("ray-worker-")
+            if index.isdigit() and int(index) > configured:
+                components.append(self._ray_worker(s, int(index)))
+        return components
 
     def status(self) -> list[ComponentStatus]:
         s = self.resolved_settings()
@@ -316,6 +400,9 @@ class LocalStack:
         )
         ray_url = s.ray_address or s.ray_dashboard_url
         rows.append(row("ray", ray_url, http_ok(f"{s.ray_dashboard_url}/api/version")))
+        for name, component in managed.items():
+            if name.startswith("ray-worker-"):
+                rows.append(row(name, f"node of {self.ray_address(s)}", component.spec.probe()))
         api = row("api", s.api_url, http_ok(f"{s.api_url}/healthz"))
         # The API is the Serve app on Ray: embedded exactly when Ray is.
         rows.append(ComponentStatus(api.name, api.url, not s.ray_address, None, api.answers))

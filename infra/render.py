@@ -28,9 +28,18 @@ PRODUCTION: dict[str, object] = {
     "host": "0.0.0.0",  # the Serve proxy must be reachable from outside its pod/container
     "state_dir": "/var/lib/brandfarm",
     "device": "cuda",
-    "num_replicas": 2,
-    "replica_num_cpus": 4.0,
-    "replica_num_gpus": 1.0,
+    # Replicas follow load: 1..8 of 1 GPU, 4 CPUs and 24 GiB each (one GPU worker pod or VM
+    # each); a replica aims at 2 requests in flight. Serve adds replicas after 30 s above
+    # target, removes them after 5 min below; the Ray autoscaler adds nodes they need.
+    "autoscale": True,
+    "min_replicas": 1,
+    "max_replicas": 8,
+    "target_ongoing_requests": 2.0,
+    "autoscale_upscale_delay_s": 30.0,
+    "autoscale_downscale_delay_s": 300.0,
+    "cpus_per_replica": 4.0,
+    "gpus_per_replica": 1.0,
+    "memory_per_replica_mb": 24 * 1024,
 }
 
 

@@ -249,11 +249,28 @@ def select_device(preference: str = "auto") -> str:
 
 
 def load_pipeline(info: BaseModelInfo, device: str):
-    """Load the pipeline with plain `from_pretrained` (fp16 on CUDA, fp32 on CPU)."""
+    """Load the pipeline onto `device` following a device plan (`registry.device_plan`).
+
+    `cpu`: float32, everything on the CPU. `cuda`: every GPU this process sees (a Ray replica
+    with k GPUs sees its own k); `cuda:<i>`: that one. On CUDA the weights are bfloat16 where the
+    GPU supports it, else float16; with several GPUs the denoiser gets the first and the other
+    components are balanced by size over the rest (accelerate hooks move tensors between them).
+    Attention runs through torch's SDPA.
+    """
     import torch
     from diffusers import DiffusionPipeline
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(info.path, dtype=dtype)
+    from registry.device_plan import (
+        component_bytes,
+        dispatch_plan,
+        plan_devices,
+        plan_dtype,
+        visible_devices,
+    )
+
+    devices = visible_devices(device)
+    bf16 = devices != ["cpu"] and torch.cuda.is_bf16_supported()
+    dtype = plan_dtype(devices, bf16)
+    pipe = DiffusionPipeline.from_pretrained(info.path, dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return dispatch_plan(pipe, plan_devices(component_bytes(pipe), devices, bf16))

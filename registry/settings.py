@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     ray_dashboard_port: int = _port(8265, "Port of the Ray dashboard.")
     ray_client_port: int = _port(10001, "Port of the Ray client server on the head node.")
     ray_dashboard_agent_port: int = _port(52365, "Port of the Ray dashboard agent's HTTP server.")
+    ray_metrics_export_port: int = _port(
+        8090, "Port where the Ray head exports Prometheus metrics (Ray's and the farm's)."
+    )
     ray_min_worker_port: int = _port(10002, "Lowest port Ray gives to worker processes.")
     ray_max_worker_port: int = _port(19999, "Highest port Ray gives to worker processes.")
     ray_num_cpus: int | None = Field(
@@ -100,12 +104,64 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where replicas render: auto picks CUDA when available."
     )
-    num_replicas: int = Field(1, ge=1, le=256, description="Diffusion replicas to run.")
-    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
-    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica.")
+    num_replicas: int = Field(
+        1, ge=1, le=256, description="Diffusion replicas to run (a fixed count; see autoscale)."
+    )
+    autoscale: bool = Field(
+        False,
+        description="Let Serve vary the replica count with load, between min_replicas and "
+        "max_replicas (num_replicas is then unused).",
+    )
+    min_replicas: int = Field(
+        1, ge=0, le=256, description="Fewest replicas when autoscaling (0 allows scale to zero)."
+    )
+    max_replicas: int = Field(4, ge=1, le=256, description="Most replicas when autoscaling.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests per replica (running + queued) autoscaling aims at."
+    )
+    autoscale_upscale_delay_s: float = Field(
+        30.0, ge=0, description="How long load must stay above target before replicas are added."
+    )
+    autoscale_downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long load must stay below target before replicas go."
+    )
+    autoscale_look_back_s: float = Field(
+        30.0, gt=0, description="Window over which replica load is averaged for autoscaling."
+    )
+    autoscale_metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often handles and replicas report load to the autoscaler."
+    )
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    gpus_per_replica: float = Field(
+        0.0,
+        ge=0,
+        le=64,
+        description="GPUs per replica: 0 (CPU), a fraction to share one GPU, or k whole GPUs on "
+        "one node (k > 1: placement group, STRICT_PACK).",
+    )
+    memory_per_replica_mb: int | None = Field(
+        None, ge=1, description="Host memory Ray reserves per replica, MiB (unset: none)."
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Hard cap of replicas on one node (1: every replica on its own node). "
+        "Unset: Serve still spreads replicas over nodes, as a preference.",
+    )
     max_ongoing_requests: int = Field(
         4, ge=1, le=1024, description="Requests a replica accepts at once (queued inside)."
     )
+    # Local worker nodes: `up` can start Ray worker nodes beside the embedded head, each with its
+    # own declared resources, to run (and test) multi-node placement on one machine. Unused with
+    # ray_address: that cluster has its own nodes (`up` refuses --workers with --address).
+    ray_worker_nodes: int = Field(
+        0, ge=0, le=16, description="Ray worker nodes `up` starts beside the embedded head."
+    )
+    ray_worker_gpus: int = Field(
+        0, ge=0, le=64, description="GPUs each local worker node declares to Ray."
+    )
+    ray_worker_cpus: int = Field(2, ge=1, description="CPUs each local worker node declares.")
 
     # --- request limits -----------------------------------------------------------------------
     max_prompt_chars: int = Field(1000, ge=1, description="Longest prompt, in characters.")
@@ -120,6 +176,22 @@ class Settings(BaseSettings):
     )
     max_inflight_per_tenant: int = Field(
         8, ge=1, description="Renders one tenant may have in flight at once (429 above)."
+    )
+    # --- brand adapters at render time (hot-swap) ---------------------------------------------
+    adapter_resolve_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="How long the ingress reuses an alias→version lookup (0: ask MLflow always).",
+    )
+    max_adapters_per_replica: int = Field(
+        4, ge=1, le=256, description="Adapters a replica keeps loaded in its pipeline at once."
+    )
+    adapter_host_cache_mb: int = Field(
+        512, ge=1, description="Host-RAM budget per replica for parsed adapter weights, in MiB."
+    )
+    max_adapter_scale: float = Field(
+        2.0, gt=0, le=100, description="Upper bound of `adapter_scale` (0 renders the base model)."
     )
     # --- fine-tune dataset limits (uploads are zips of images + captions) --------------------
     dataset_max_upload_bytes: int = Field(
@@ -189,6 +261,43 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _replica_placement_consistent(self) -> Settings:
+        if self.autoscale:
+            self._check_autoscaling()
+        gpus = self.gpus_per_replica
+        if gpus > 1 and not gpus.is_integer():
+            raise ValueError(
+                f"gpus_per_replica={gpus}: above 1 a replica takes whole GPUs (2, 3, ...); "
+                "a fraction below 1 shares one GPU between replicas"
+            )
+        if gpus > 1 and self.max_replicas_per_node is not None:
+            raise ValueError(
+                f"max_replicas_per_node cannot be combined with gpus_per_replica={gpus:g}: a "
+                "multi-GPU replica is placed by its own placement group, which Ray Serve does "
+                "not let max_replicas_per_node constrain; unset one of them"
+            )
+        return self
+
+    def _check_autoscaling(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}; "
+                "raise max_replicas or lower min_replicas"
+            )
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"target_ongoing_requests={self.target_ongoing_requests:g} is above "
+                f"max_ongoing_requests={self.max_ongoing_requests}: a replica never holds that "
+                "many, so autoscaling would never add one; lower it or raise max_ongoing_requests"
+            )
+        if self.autoscale_look_back_s <= self.autoscale_metrics_interval_s:
+            raise ValueError(
+                f"autoscale_look_back_s={self.autoscale_look_back_s:g} must be longer than "
+                f"autoscale_metrics_interval_s={self.autoscale_metrics_interval_s:g} "
+                "(the window must hold more than one load report)"
+            )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -246,7 +355,12 @@ class Settings(BaseSettings):
 
     @property
     def ray_dashboard_url(self) -> str:
-        return f"http://{self.host}:{self.ray_dashboard_port}"
+        """The Ray dashboard (jobs, state API): on the host of `ray_address` when one is set."""
+        host = self.host
+        if self.ray_address and self.ray_address not in ("auto", "local"):
+            address = self.ray_address if "://" in self.ray_address else f"//{self.ray_address}"
+            host = urlsplit(address).hostname or host
+        return f"http://{host}:{self.ray_dashboard_port}"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,8 +1,9 @@
 """The farm's Ray Serve config file (`serve deploy`, KubeRay `serveConfigV2`) from `Settings`.
 
-Its deployment options are the ones `serve.app.build_app` sets in code, and its `args` rebuild
-the same `Settings` in `serve.builder:app` on the cluster, so a config file cannot drift from the
-app.
+Its replica options come from `serve.placement.replica_deployment_options`, the function
+`serve.app.build_app` uses in code (replica count or autoscaling, resources, placement group,
+max replicas per node), and its `args` rebuild the same `Settings` in `serve.builder:app` on the
+cluster, so a config file cannot drift from the app.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from registry.settings import Settings
+from serve.placement import replica_deployment_options
 
 APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
 IMPORT_PATH = "serve.builder:app"
@@ -53,15 +55,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                 "args": settings_args(settings),
                 "deployments": [
                     {"name": INGRESS, "ray_actor_options": {"num_cpus": 0}},
-                    {
-                        "name": REPLICA,
-                        "num_replicas": settings.num_replicas,
-                        "max_ongoing_requests": settings.max_ongoing_requests,
-                        "ray_actor_options": {
-                            "num_cpus": settings.replica_num_cpus,
-                            "num_gpus": settings.replica_num_gpus,
-                        },
-                    },
+                    {"name": REPLICA, **replica_deployment_options(settings)},
                 ],
             }
         ],

@@ -83,19 +83,39 @@ def test_production_settings_are_real_fields():
     assert set(render().PRODUCTION) <= set(Settings.model_fields)
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ("48Gi", "512Mi") in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
 def test_rayservice_has_gpu_workers_and_autoscaling():
     [service] = load("kuberay/rayservice.yaml")
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     [gpu] = cluster["workerGroupSpecs"]
     [container] = gpu["template"]["spec"]["containers"]
-    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    limits = container["resources"]["limits"]
+    gpus_per_pod = int(limits["nvidia.com/gpu"])
+    assert gpus_per_pod >= 1
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
-    # A replica (CPUs, GPUs) fits on one GPU worker.
-    replica = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"][1]
+    [_, replica] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0][
+        "deployments"
+    ]
+    # Serve scales the replicas with load; the node group can grow to hold the most of them.
+    scaling = replica["autoscaling_config"]
+    assert "num_replicas" not in replica
+    assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
     options = replica["ray_actor_options"]
-    assert options["num_gpus"] <= int(container["resources"]["limits"]["nvidia.com/gpu"])
-    assert options["num_cpus"] <= float(container["resources"]["limits"]["cpu"])
+    replicas_per_pod = gpus_per_pod // options["num_gpus"]
+    assert scaling["max_replicas"] <= gpu["maxReplicas"] * replicas_per_pod
+    # A replica (CPUs, GPUs, memory) fits on one GPU worker pod.
+    assert options["num_gpus"] <= gpus_per_pod
+    assert options["num_cpus"] <= float(limits["cpu"])
+    assert options["memory"] < quantity_bytes(limits["memory"])
 
 
 def test_import_paths_in_manifests_resolve():
@@ -187,8 +207,12 @@ def pods(doc: dict) -> list[dict]:
     spec = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     return [
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
-         "spec": g["template"]["spec"]}
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p"},
+            "spec": g["template"]["spec"],
+        }
         for g in groups
     ]
 

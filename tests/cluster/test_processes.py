@@ -1,4 +1,5 @@
-"""Managed processes: port-in-use errors name the setting; down stops only what it recorded."""
+"""Managed processes: port-in-use errors name the setting; down stops only what it recorded;
+local Ray worker nodes are specified to join the embedded head."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.processes import ManagedProcess, ProcessSpec, StackError, pid_alive, port_is_free
-from cluster.stack import http_ok
+from cluster.stack import LocalStack, http_ok
+from cluster.topology import local_worker_resource, node_name
+from registry.settings import Settings
 from tests.conftest import free_ports
 
 
@@ -88,3 +91,62 @@ def test_cli_base_model_train_forwards_to_the_training_script():
     assert result.exit_code == 0, result.output
     for flag in ("--out", "--steps", "--seed", "--batch-size"):
         assert flag in result.output
+
+
+def test_local_worker_nodes_join_the_embedded_head(tmp_path):
+    s = Settings(
+        state_dir=tmp_path / "state",
+        ray_gcs_port=26380,
+        ray_worker_nodes=2,
+        ray_worker_gpus=2,
+        ray_worker_cpus=3,
+        ray_min_worker_port=30000,
+        ray_max_worker_port=30999,
+    )
+    stack = LocalStack(s)
+    components = {c.spec.name: c.spec for c in stack._components(stack.resolved_settings(True))}
+    assert list(components) == ["s3", "mlflow", "ray", "ray-worker-1", "ray-worker-2"]
+    for i in (1, 2):
+        spec = components[f"ray-worker-{i}"]
+        argv = " ".join(spec.argv)
+        assert spec.port is None  # no fixed port of its own: nothing to check or collide with
+        assert "start --block --address 127.0.0.1:26380" in argv and "--head" not in argv
+        assert "--num-cpus 3 --num-gpus 2" in argv
+        assert f'--resources {{"{local_worker_resource(i)}": 1}}' in argv
+        assert "--dashboard-agent-listen-port 0" in argv
+        assert "--min-worker-port 30000 --max-worker-port 30999" in argv
+        assert node_name({local_worker_resource(i): 1.0, "GPU": 2.0}, False) == f"ray-worker-{i}"
+    # Every node of the stack shares Ray's worker port range, which Settings keeps clear.
+    assert "--min-worker-port 30000 --max-worker-port 30999" in " ".join(components["ray"].argv)
+    assert node_name({"CPU": 4.0}, True) == "head"
+
+    # An existing cluster: no head, no local workers; `up --address` deploys there.
+    external = LocalStack(Settings(state_dir=tmp_path / "other", ray_address="10.0.0.5:6380"))
+    names = [c.spec.name for c in external._components(external.resolved_settings(True))]
+    assert names == ["s3", "mlflow"]
+    assert external.ray_address(external.resolved_settings()) == "10.0.0.5:6380"
+
+
+def test_cli_worker_flags_reach_the_settings(tmp_path):
+    env = {"BRANDFARM_STATE_DIR": str(tmp_path / "state")}
+    bad = CliRunner().invoke(app, ["up", "--workers", "2", "--address", "10.0.0.5:6380"], env=env)
+    assert bad.exit_code == 2
+    assert "ray_worker_nodes=2" in bad.output and "ray_address=10.0.0.5:6380" in bad.output
+    result = CliRunner().invoke(app, ["up", "--help"])
+    for flag in ("--workers", "--worker-gpus", "--worker-cpus", "--address"):
+        assert flag in result.output
+
+
+def test_down_also_stops_worker_nodes_recorded_by_an_earlier_up(tmp_path):
+    state = tmp_path / "state"
+    two = LocalStack(Settings(state_dir=state, ray_worker_nodes=2))
+    two.resolved_settings(create=True)
+    worker = two.component("ray-worker-2")
+    [port] = free_ports(1)
+    worker.spec.argv = _http_server(port).argv  # a stand-in process recorded as ray-worker-2
+    worker.spec.probe = lambda: http_ok(f"http://127.0.0.1:{port}/")
+    worker.start(timeout_s=30)
+    pid = worker.recorded_pid()
+    # Settings now ask for fewer workers: `down` still stops the recorded one.
+    stopped = LocalStack(Settings(state_dir=state, ray_worker_nodes=1)).down()
+    assert stopped == ["ray-worker-2"] and not pid_alive(pid)

@@ -64,8 +64,12 @@ def test_import_path_resolves_to_a_one_argument_builder():
 
 def test_settings_changes_show_up():
     s = Settings(
-        num_replicas=3, replica_num_cpus=6, replica_num_gpus=2, max_ongoing_requests=9,
-        api_port=8123, host="0.0.0.0",
+        num_replicas=3,
+        cpus_per_replica=6,
+        gpus_per_replica=2,
+        max_ongoing_requests=9,
+        api_port=8123,
+        host="0.0.0.0",
     )
     config = serve_config(s)
     replica = deployments(config)["DiffusionReplica"]
@@ -78,8 +82,12 @@ def test_settings_changes_show_up():
 
 def test_args_are_non_default_fields_without_secrets():
     s = Settings(
-        base_model="some/hub-id", s3_endpoint="http://minio:9000", s3_access_key="AK",
-        s3_secret_key="SK", api_key="bf-x", database_url="postgresql://u:pw@db/x",
+        base_model="some/hub-id",
+        s3_endpoint="http://minio:9000",
+        s3_access_key="AK",
+        s3_secret_key="SK",
+        api_key="bf-x",
+        database_url="postgresql://u:pw@db/x",
     )
     args = settings_args(s)
     assert args == {"base_model": "some/hub-id", "s3_endpoint": "http://minio:9000"}
@@ -89,41 +97,110 @@ def test_args_are_non_default_fields_without_secrets():
 
 
 def test_args_rebuild_the_same_settings():
-    s = Settings(num_replicas=2, state_dir="/var/lib/x", device="cpu", replica_num_gpus=0.5)
+    s = Settings(num_replicas=2, state_dir="/var/lib/x", device="cpu", gpus_per_replica=0.5)
     assert Settings(**settings_args(s)) == s
 
 
 def options_in_code(app) -> dict[str, dict]:
-    """{deployment name: the options `build_app` gave it} from an Application's bound graph."""
+    """{deployment name: the options `build_app` set on it}, as Ray Serve itself reports them
+    (`deployment_to_schema` keeps exactly the options the code configured)."""
     from ray.serve._private.build_app import build_app as ray_build_app
+    from ray.serve.deployment import deployment_to_schema
 
     built = ray_build_app(app, name=APP_NAME)
     return {
-        d.name: {
-            "num_replicas": d.num_replicas,
-            "max_ongoing_requests": d.max_ongoing_requests,
-            "ray_actor_options": d.ray_actor_options,
-        }
+        d.name: deployment_to_schema(d).model_dump(mode="json", exclude_unset=True)
         for d in built.deployments
     }
 
 
+def options_in_config(config: dict) -> dict[str, dict]:
+    """The same view of the config file's deployments, parsed by Ray Serve's schema."""
+    return {
+        name: DeploymentSchema.model_validate(d).model_dump(mode="json", exclude_unset=True)
+        for name, d in deployments(config).items()
+    }
+
+
 def assert_config_matches_code(config: dict, app) -> None:
-    code = options_in_code(app)
-    assert set(code) == set(deployments(config))
-    for name, deployment in deployments(config).items():
-        for key, value in deployment.items():
-            if key == "name":
-                continue
-            if key == "ray_actor_options":
-                assert {k: code[name][key].get(k) for k in value} == value, name
-            else:
-                assert code[name][key] == value, (name, key)
+    assert options_in_config(config) == options_in_code(app)
 
 
-def test_config_deploys_the_options_build_app_sets():
-    s = Settings(num_replicas=3, replica_num_cpus=2, replica_num_gpus=1, max_ongoing_requests=7)
+PLACEMENTS = {
+    "fixed": dict(num_replicas=3, cpus_per_replica=2, gpus_per_replica=1, max_ongoing_requests=7),
+    "shared-gpu": dict(num_replicas=4, gpus_per_replica=0.25, memory_per_replica_mb=2048),
+    "multi-gpu": dict(num_replicas=2, cpus_per_replica=6, gpus_per_replica=4),
+    "one-per-node": dict(num_replicas=3, gpus_per_replica=1, max_replicas_per_node=1),
+    "autoscale": dict(
+        autoscale=True,
+        min_replicas=1,
+        max_replicas=6,
+        target_ongoing_requests=1.5,
+        autoscale_upscale_delay_s=5,
+        autoscale_downscale_delay_s=60,
+        gpus_per_replica=1,
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides", PLACEMENTS.values(), ids=PLACEMENTS)
+def test_config_deploys_the_options_build_app_sets(overrides):
+    s = Settings(**overrides)
     assert_config_matches_code(serve_config(s), serve_app.build_app(s, FAKE_MODEL))
+
+
+def test_autoscaling_replaces_the_fixed_count():
+    s = Settings(
+        autoscale=True,
+        num_replicas=5,
+        min_replicas=2,
+        max_replicas=8,
+        target_ongoing_requests=3,
+        max_ongoing_requests=6,
+        autoscale_upscale_delay_s=4,
+        autoscale_downscale_delay_s=90,
+        autoscale_look_back_s=12,
+    )
+    replica = deployments(serve_config(s))["DiffusionReplica"]
+    assert "num_replicas" not in replica  # Serve refuses both; autoscale wins, as documented
+    assert replica["autoscaling_config"] == {
+        "min_replicas": 2,
+        "max_replicas": 8,
+        "target_ongoing_requests": 3.0,
+        "upscale_delay_s": 4.0,
+        "downscale_delay_s": 90.0,
+        "look_back_period_s": 12.0,
+    }
+    assert replica["max_ongoing_requests"] == 6
+
+
+def test_metrics_interval_is_written_only_when_changed():
+    from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
+
+    from serve.placement import RAY_DEFAULT_METRICS_INTERVAL_S, autoscaling_config
+
+    assert RAY_DEFAULT_METRICS_INTERVAL_S == DEFAULT_METRICS_INTERVAL_S
+    assert Settings().autoscale_metrics_interval_s == DEFAULT_METRICS_INTERVAL_S
+    assert "metrics_interval_s" not in autoscaling_config(Settings(autoscale=True))
+    fast = Settings(autoscale=True, autoscale_metrics_interval_s=0.5, autoscale_look_back_s=2)
+    assert autoscaling_config(fast)["metrics_interval_s"] == 0.5
+
+
+def test_a_multi_gpu_replica_gets_one_strict_pack_bundle_holding_the_actor():
+    s = Settings(gpus_per_replica=2, cpus_per_replica=3, memory_per_replica_mb=1024)
+    replica = deployments(serve_config(s))["DiffusionReplica"]
+    assert replica["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 2.0, "memory": 1 << 30}
+    assert replica["placement_group_strategy"] == "STRICT_PACK"
+    assert replica["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 2.0, "memory": 1 << 30}]
+    # One GPU or a share of one: a plain actor, no placement group.
+    for gpus in (0, 0.5, 1):
+        options = deployments(serve_config(Settings(gpus_per_replica=gpus)))["DiffusionReplica"]
+        assert (
+            "placement_group_bundles" not in options and "placement_group_strategy" not in options
+        )
+    # The bundle lists only what it reserves.
+    bare = deployments(serve_config(Settings(gpus_per_replica=3, cpus_per_replica=0)))
+    assert bare["DiffusionReplica"]["placement_group_bundles"] == [{"GPU": 3.0}]
 
 
 def test_builder_builds_that_app_from_the_configs_args(tmp_path):

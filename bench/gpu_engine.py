@@ -1,0 +1,252 @@
+"""Render throughput of one replica's pipeline on a GPU: 1 brand adapter vs. 8 adapters rotating.
+
+An SD-1.5-architecture pipeline (UNet 860M, CLIP ViT-L text encoder, SD VAE) is built from its
+config with random weights (nothing is downloaded), placed by the farm's device plan
+(`registry.device_plan`: fp16 by default, SDPA attention, components spread when several GPUs are
+visible), and renders 512x512 images one at a time, as a replica does. Brand adapters are random
+rank-8 LoRAs on the UNet's attention projections, loaded with diffusers'
+`pipe.load_lora_weights(state_dict, adapter_name=...)` and activated with
+`pipe.set_adapters([name], [scale])`: "1 adapter" keeps one active; "8 rotating" activates a
+different resident adapter before every image, the hot-swap pattern of mixed tenant traffic.
+
+Needs torch, diffusers, transformers, peft and accelerate; no Ray, MLflow or network.
+
+    python bench/gpu_engine.py                      # CUDA, SD-1.5 shapes, 512x512, fp16
+    python bench/gpu_engine.py --tiny --images 2    # CPU smoke test of the same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from registry.base_models import _byte_level_clip_tokenizer  # noqa: E402
+from registry.device_plan import (  # noqa: E402
+    component_bytes,
+    dispatch_plan,
+    plan_devices,
+    visible_devices,
+)
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PROMPT = "a red circle on a blue background, acme style"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tiny", action="store_true", help="Tiny config at 64x64 (a CPU smoke test)."
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda (all GPUs) or cuda:<i>.")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default="float16",
+        help="Weights' dtype on CUDA (CPU always runs float32).",
+    )
+    parser.add_argument("--size", type=int, default=None, help="Image side (512; tiny: 64).")
+    parser.add_argument("--steps", type=int, default=None, help="Denoising steps (25; tiny: 2).")
+    parser.add_argument("--images", type=int, default=16, help="Images timed per mode.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed images per mode.")
+    parser.add_argument("--adapters", type=int, default=8, help="Adapters in the rotation.")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of each adapter.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and adapters.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
+    args = parser.parse_args(argv)
+    # Sanity checks.
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    args.size = args.size or (64 if args.tiny else 512)
+    args.steps = args.steps or (2 if args.tiny else 25)
+    if args.size % 8:
+        parser.error(f"--size {args.size} must be a multiple of 8")
+    if args.images < 1 or args.adapters < 1:
+        parser.error("--images and --adapters must be at least 1")
+    return args
+
+
+def build_pipeline(tiny: bool, seed: int):
+    """SD-1.5 shapes (or the test-sized ones) with random weights, in float32 on the CPU."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_level_clip_tokenizer(max_length=77)
+    if tiny:
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+        unet = dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            norm_num_groups=16,
+            sample_size=8,
+        )
+        vae = dict(block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=1)
+    else:  # Stable Diffusion 1.5
+        text = dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        )
+        unet = dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            layers_per_block=2,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+        vae = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
+    depth = len(vae["block_out_channels"])
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * depth,
+            up_block_types=("UpDecoderBlock2D",) * depth,
+            latent_channels=4,
+            **vae,
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                **text,
+            )
+        ),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, attention_head_dim=8, **unet),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def random_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA state dict in the format fine-tunes write (peft keys under `unet.`), random."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS):
+            down = torch.randn(rank, module.in_features, generator=generator) / rank
+            up = torch.randn(module.out_features, rank, generator=generator) * 0.01
+            state[f"unet.{name}.lora_A.weight"] = down
+            state[f"unet.{name}.lora_B.weight"] = up
+    if not state:
+        raise ValueError(f"no {LORA_TARGETS} layers found: is a LoRA already injected?")
+    return state
+
+
+def sync(devices: list[str]) -> None:
+    for device in devices:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+
+def render_rate(pipe, args, devices: list[str], choose_adapter) -> float:
+    """Images per second over `args.images` images, after `args.warmup` untimed ones."""
+
+    def one(i: int) -> None:
+        choose_adapter(i)
+        pipe(
+            PROMPT,
+            width=args.size,
+            height=args.size,
+            num_inference_steps=args.steps,
+            guidance_scale=5.0,
+            generator=torch.Generator("cpu").manual_seed(i),
+            output_type="pil",
+        )
+
+    for i in range(args.warmup):
+        one(i)
+    sync(devices)
+    start = time.perf_counter()
+    for i in range(args.images):
+        one(i)
+    sync(devices)
+    return args.images / (time.perf_counter() - start)
+
+
+def hardware(devices: list[str]) -> str:
+    if devices == ["cpu"]:
+        return f"{platform.processor() or platform.machine()} CPU"
+    names = [torch.cuda.get_device_name(torch.device(d)) for d in devices]
+    return ", ".join(f"{d} {n}" for d, n in zip(devices, names, strict=True))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    # Build the pipeline and place it by the farm's device plan.
+    devices = visible_devices(args.device)
+    pipe = build_pipeline(args.tiny, args.seed)
+    pipe.set_progress_bar_config(disable=True)
+    plan = plan_devices(component_bytes(pipe), devices, bf16_supported=args.dtype == "bfloat16")
+    for name in plan.placement:
+        getattr(pipe, name).to(getattr(torch, plan.dtype))
+    pipe = dispatch_plan(pipe, plan)
+
+    # Make the brand adapters from the bare UNet, then load them (each stays resident).
+    names = [f"brand{i}" for i in range(args.adapters)]
+    states = [random_lora(pipe.unet, args.rank, args.seed + 1 + i) for i in range(len(names))]
+    load_s = []
+    for name, state in zip(names, states, strict=True):
+        start = time.perf_counter()
+        pipe.load_lora_weights(state, adapter_name=name)
+        sync(devices)
+        load_s.append(time.perf_counter() - start)
+
+    # Time the two traffic patterns.
+    one = render_rate(pipe, args, devices, lambda i: pipe.set_adapters([names[0]], [1.0]))
+    rotating = render_rate(
+        pipe, args, devices, lambda i: pipe.set_adapters([names[i % len(names)]], [1.0])
+    )
+    result = {
+        "pipeline": "tiny-sd" if args.tiny else "sd-1.5 (random weights)",
+        "size": args.size,
+        "steps": args.steps,
+        "dtype": plan.dtype,
+        "placement": plan.placement,
+        "hardware": hardware(devices),
+        "torch": torch.__version__,
+        "images_per_mode": args.images,
+        "adapter_load_s_median": sorted(load_s)[len(load_s) // 2],
+        "images_per_s_1_adapter": round(one, 4),
+        f"images_per_s_{len(names)}_rotating": round(rotating, 4),
+        "rotating_vs_1": round(rotating / one, 4),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
