@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import tempfile
 import textwrap
@@ -110,6 +111,29 @@ def fine_tune_brand(s: Settings, client: httpx.Client, tenant: str, steps: int) 
     return tiles
 
 
+def hotswap_tiles(client: httpx.Client) -> list[tuple[bytes, str]]:
+    """Render the brand prompts through the API with the new adapter (`acme@staging`): the
+    warm replica loads it on the fly, no restart; the response names the version used."""
+    tiles = []
+    for i, prompt in enumerate(BRAND_PROMPTS):
+        resp = client.post(
+            "/images/generations",
+            json={
+                "prompt": prompt,
+                "seed": 2000 + i,
+                "adapter": f"{BRAND}@staging",
+                "response_format": "b64_json",
+            },
+        )
+        if resp.status_code != 200:
+            raise RuntimeError(f"render with {BRAND}@staging failed: {resp.text}")
+        body = resp.json()
+        used = body["adapter"]
+        png = base64.b64decode(body["data"][0]["b64_json"])
+        tiles.append((png, f"API, adapter {used['brand']} v{used['version']}: {prompt}"))
+    return tiles
+
+
 def run_demo(settings: Settings, tenant: str, console: Console, tune_steps: int = 500) -> None:
     s = LocalStack(settings, lambda m: console.print(f"[dim]•[/dim] {m}")).up()
     key = demo_key(s, tenant)
@@ -139,6 +163,8 @@ def run_demo(settings: Settings, tenant: str, console: Console, tune_steps: int 
     ) as client:
         console.print(f"fine-tuning brand {BRAND!r} ({tune_steps} steps) as a Ray job")
         tiles += fine_tune_brand(s, client, tenant, tune_steps)
+        console.print(f"rendering with adapter {BRAND}@staging through the API (hot-swap)")
+        tiles += hotswap_tiles(client)
     out_dir = s.state_dir / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     sheet_path = out_dir / "contact-sheet.png"

@@ -6,9 +6,15 @@ Both are thin: the ingress builds `serve.api.create_api` from its services, the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from pathlib import Path
 
+import ray
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -22,29 +28,177 @@ from registry.jobs import JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
+from serve import replica_state
+from serve.adapter_cache import (
+    AdapterFetcher,
+    AdapterLoadError,
+    AdapterWeights,
+    HostAdapterCache,
+    parse_weights,
+)
 from serve.adapters import AdapterService
 from serve.api import ApiServices, create_api
-from serve.errors import APIError
+from serve.errors import ServiceUnavailable
 from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
-from serve.protocol import RenderedImage, RenderJob, RenderLimits
+from serve.placement import replica_deployment_options
+from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
+from serve.resolver import AdapterResolver
 
 APP_NAME = "brandfarm"
 log = logging.getLogger(__name__)
 
 
+MIB = 1024 * 1024
+_MAX_SPECS = 4096
+
+
+class ResidentAdapter:
+    """What Serve's multiplexer holds for one adapter id on a replica: its parsed weights.
+
+    The multiplexer calls `__del__` when it evicts the adapter (least recently used beyond
+    `max_adapters_per_replica`); that queues the adapter's removal from the pipeline. Python
+    calls it again when the object is collected, hence the flag.
+    """
+
+    def __init__(self, engine, weights: AdapterWeights) -> None:  # noqa: ANN001 - DiffusionEngine
+        self.engine = engine
+        self.weights = weights
+        self._released = False
+
+    def __del__(self) -> None:
+        if not self._released:
+            self._released = True
+            self.engine.release_adapter(self.weights.model_id)
+
+
 @serve.deployment(name="DiffusionReplica")
 class DiffusionReplica:
-    """One warm pipeline. Requests beyond `max_ongoing_requests` queue at the handle."""
+    """One warm pipeline plus its brand adapters (see `serve.adapter_cache` for the tiers).
 
-    def __init__(self, model: BaseModelInfo, device: str) -> None:
+    Requests name their adapter version through Serve's `multiplexed_model_id`, so the router
+    prefers replicas that already hold it. Renders are serialised by the engine's lock; each job
+    activates exactly its own adapter and scale. Requests beyond `max_ongoing_requests` queue
+    at the handle.
+    """
+
+    def __init__(self, settings: Settings, model: BaseModelInfo) -> None:
         from serve.engine import DiffusionEngine  # torch is imported on replicas only
 
-        self.engine = DiffusionEngine.load(model, device)
+        self.engine = DiffusionEngine.load(
+            model, settings.device, max_adapters=settings.max_adapters_per_replica
+        )
+        self.host = HostAdapterCache(settings.adapter_host_cache_mb * MIB)
+        registry_uri = settings.resolved_mlflow_uri
 
-    def render(self, job: RenderJob) -> list[RenderedImage]:
-        return self.engine.generate(job)
+        def via_mlflow(uri: str, folder: Path) -> Path:
+            from registry.adapters import AdapterRegistry
+
+            return AdapterRegistry(registry_uri).fetch_weights_uri(uri, folder)
+
+        self.fetcher = AdapterFetcher(
+            ObjectStore.from_settings(settings, bucket=settings.mlflow_artifacts_bucket),
+            via_mlflow,
+        )
+        self._specs: dict[str, AdapterSpec] = {}
+        self._waiting = 0
+        self._published: tuple | None = None
+
+        async def load_adapter(model_id: str) -> ResidentAdapter:
+            # A plain function: Serve keeps its multiplexer as an attribute of what it wraps,
+            # which a bound method cannot hold.
+            return await self._load_adapter_by_id(model_id)
+
+        self._adapter = serve.multiplexed(
+            max_num_models_per_replica=settings.max_adapters_per_replica
+        )(load_adapter)
+        self.cache_hits = metrics.Counter(
+            "brandfarm_adapter_cache_hits",
+            description="Adapter lookups answered by a cache tier (pipeline, host).",
+            tag_keys=("tier",),
+        )
+        self.cache_misses = metrics.Counter(
+            "brandfarm_adapter_cache_misses",
+            description="Adapter lookups a cache tier (pipeline, host) could not answer.",
+            tag_keys=("tier",),
+        )
+        self.load_seconds = metrics.Histogram(
+            "brandfarm_adapter_load_seconds",
+            description="Time to make an adapter usable, by where its weights came from.",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            tag_keys=("source",),
+        )
+        self.queue_depth = metrics.Gauge(
+            "brandfarm_replica_queue_depth",
+            description="Render requests in this replica: waiting for the engine or rendering.",
+        )
+        self.queue_depth.set(0)
+        self._publish()
+
+    async def render(self, job: RenderJob) -> list[RenderedImage]:
+        self._waiting += 1
+        self.queue_depth.set(self._waiting)
+        try:
+            weights = None if job.adapter is None else await self._weights_for(job.adapter)
+            return await asyncio.to_thread(self.engine.generate, job, weights)
+        finally:
+            self._waiting -= 1
+            self.queue_depth.set(self._waiting)
+            self._publish()
+
+    async def _weights_for(self, spec: AdapterSpec) -> AdapterWeights:
+        routed = serve.get_multiplexed_model_id()
+        if routed != spec.model_id:  # the ingress always sets both from one resolution
+            raise RuntimeError(f"request routed for {routed!r} carries adapter {spec.model_id!r}")
+        tier = self.cache_hits if self.engine.has_adapter(spec.model_id) else self.cache_misses
+        tier.inc(tags={"tier": "pipeline"})
+        if len(self._specs) >= _MAX_SPECS:
+            self._specs.clear()
+        self._specs[spec.model_id] = spec  # what the loader needs beyond the id
+        resident: ResidentAdapter = await self._adapter(spec.model_id)
+        return resident.weights
+
+    async def _load_adapter_by_id(self, model_id: str) -> ResidentAdapter:
+        """Serve's multiplexed loader: host-RAM tier, else the object store; then the pipeline.
+        Nothing is cached unless the adapter verified and loaded into the pipeline."""
+        spec = self._specs[model_id]
+        started = time.perf_counter()
+        weights = self.host.get(model_id, spec.sha256)
+        if weights is not None:
+            self.cache_hits.inc(tags={"tier": "host"})
+            source = "host"
+        else:
+            self.cache_misses.inc(tags={"tier": "host"})
+            source = "store"
+            data = await asyncio.to_thread(self.fetcher.fetch, spec)
+            weights = await asyncio.to_thread(parse_weights, spec, data)
+        await asyncio.to_thread(self.engine.load_adapter, weights, spec)
+        if source == "store":
+            self.host.put(weights)
+        self.load_seconds.observe(time.perf_counter() - started, tags={"source": source})
+        self._publish()
+        return ResidentAdapter(self.engine, weights)
+
+    def _publish(self) -> None:
+        """Tell `brandfarm status` what this replica holds, when that changed."""
+        state = (tuple(self.engine.loaded_adapters()), tuple(self.host.model_ids()))
+        if state == self._published:
+            return
+        self._published = state
+        context = ray.get_runtime_context()
+        try:
+            replica_state.publish(
+                context.get_actor_name() or context.get_actor_id(),
+                {
+                    "node_id": context.get_node_id(),
+                    "adapters": list(state[0]),
+                    "host_cached": list(state[1]),
+                    "host_cache_bytes": self.host.nbytes,
+                },
+            )
+        except Exception as e:  # noqa: BLE001 - status is best effort, rendering is not
+            log.warning("could not publish replica state: %s", e)
 
     def check_health(self) -> None:
         if self.engine.pipeline is None:
@@ -52,21 +206,30 @@ class DiffusionReplica:
 
 
 class ServeRenderer:
-    """A `Renderer` over the replica deployment's handle; Ray's capacity errors become 503."""
+    """A `Renderer` over the replica deployment's handle. The adapter version picks the
+    multiplexed model id (set here, never taken from the client); Ray's capacity errors and a
+    replica lost mid-request become a retryable 503, and a replica's `AdapterLoadError` comes
+    back as itself."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
     async def render(self, job: RenderJob) -> list[RenderedImage]:
+        model_id = job.adapter.model_id if job.adapter else ""
         try:
-            return await self.handle.render.remote(job)
+            return await self.handle.options(multiplexed_model_id=model_id).render.remote(job)
         except (BackPressureError, DeploymentUnavailableError) as e:
-            raise APIError(
-                503,
-                "no render capacity available right now; retry shortly",
-                code="overloaded",
-                headers={"Retry-After": "2"},
+            raise ServiceUnavailable("no render capacity available right now", "overloaded") from e
+        except RayActorError as e:
+            # The replica died under the request (its node was lost, or it crashed); Serve is
+            # already replacing it, so this is as retryable as a full queue.
+            raise ServiceUnavailable(
+                "the replica rendering this request was lost", "replica_lost"
             ) from e
+        except RayTaskError as e:
+            if isinstance(e.cause, AdapterLoadError):
+                raise AdapterLoadError(*e.cause.args) from None
+            raise
 
 
 @serve.deployment(name="Ingress")
@@ -76,6 +239,22 @@ class Ingress:
         engine = make_engine(settings.resolved_database_url)
         tenants = TenantDirectory(engine)
         store = ObjectStore.from_settings(settings)
+        registry = AdapterRegistry(settings.resolved_mlflow_uri)
+        renders = metrics.Counter(
+            "brandfarm_renders",
+            description="Successful render requests, per tenant.",
+            tag_keys=("tenant",),
+        )
+        rendered_images = metrics.Counter(
+            "brandfarm_rendered_images",
+            description="Images rendered for successful requests, per tenant.",
+            tag_keys=("tenant",),
+        )
+
+        def on_rendered(tenant: str, images: int, adapter: AdapterSpec | None) -> None:
+            renders.inc(tags={"tenant": tenant})
+            rendered_images.inc(images, tags={"tenant": tenant})
+
         images = ImageService(
             limits=RenderLimits.from_settings(settings, model),
             renderer=ServeRenderer(replica),
@@ -83,6 +262,8 @@ class Ingress:
             tenants=tenants,
             presign_expiry_s=settings.presign_expiry_s,
             max_inflight_per_tenant=settings.max_inflight_per_tenant,
+            adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
+            on_rendered=on_rendered,
         )
         files = FileCatalog(engine)
         jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
@@ -94,7 +275,7 @@ class Ingress:
                 images=images,
                 files=FileService(files, store, DatasetLimits.from_settings(settings)),
                 jobs=jobs,
-                adapters=AdapterService(AdapterRegistry(settings.resolved_mlflow_uri)),
+                adapters=AdapterService(registry),
                 max_request_bytes=settings.max_request_bytes,
                 # Room for the multipart envelope; the dataset's own limit is checked exactly.
                 max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
@@ -107,12 +288,5 @@ class Ingress:
 
 def build_app(settings: Settings, model: BaseModelInfo) -> serve.Application:
     """The farm's Serve application for fully resolved settings (absolute paths, credentials)."""
-    replica = DiffusionReplica.options(
-        num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": settings.replica_num_cpus,
-            "num_gpus": settings.replica_num_gpus,
-        },
-    ).bind(model, settings.device)
+    replica = DiffusionReplica.options(**replica_deployment_options(settings)).bind(settings, model)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, replica)

@@ -53,6 +53,15 @@ class InvalidField(APIError):
         super().__init__(status, message, param=param, code=code or "invalid_value")
 
 
+class ServiceUnavailable(APIError):
+    """A dependency is down or out of capacity: a retryable 503 with `Retry-After`."""
+
+    def __init__(self, message: str, code: str, retry_after_s: int = 2) -> None:
+        super().__init__(
+            503, f"{message}; retry shortly", code=code, headers={"Retry-After": str(retry_after_s)}
+        )
+
+
 class StorageUnavailable(APIError):
     """The object store failed during a request: a retryable 503 (nothing was kept)."""
 

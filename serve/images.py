@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
+from registry.adapter_refs import AdapterRef
 from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
-from serve.errors import APIError, StorageUnavailable
+from serve.adapter_cache import AdapterLoadError
+from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
 from serve.protocol import (
+    AdapterSpec,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
@@ -32,19 +37,20 @@ log = logging.getLogger(__name__)
 
 
 class Renderer(Protocol):
-    """Where images are made. Raise `APIError(503, ...)` when no capacity is available."""
+    """Where images are made. Raise `APIError(503, ...)` when no capacity is available and
+    `AdapterLoadError` when the job's adapter cannot be used."""
 
     async def render(self, job: RenderJob) -> list[RenderedImage]: ...
 
 
-class LocalRenderer:
-    """Runs an in-process `DiffusionEngine` in a worker thread (no Ray)."""
+class AdapterLookup(Protocol):
+    """Resolves a tenant's adapter reference (`serve.resolver.AdapterResolver`)."""
 
-    def __init__(self, engine) -> None:  # noqa: ANN001 - a serve.engine.DiffusionEngine
-        self.engine = engine
+    def resolve(self, tenant: str, ref: AdapterRef, scale: float) -> AdapterSpec: ...
 
-    async def render(self, job: RenderJob) -> list[RenderedImage]:
-        return await asyncio.to_thread(self.engine.generate, job)
+
+#: Called after each successful render with (tenant, images rendered, adapter or None).
+RenderObserver = Callable[[str, int, AdapterSpec | None], None]
 
 
 class ImageService:
@@ -56,7 +62,11 @@ class ImageService:
         tenants: TenantDirectory,
         presign_expiry_s: int,
         max_inflight_per_tenant: int,
+        adapters: AdapterLookup | None = None,
+        on_rendered: RenderObserver | None = None,
     ) -> None:
+        self.adapters = adapters
+        self.on_rendered = on_rendered
         self.limits = limits
         self.renderer = renderer
         self.store = store
@@ -110,10 +120,44 @@ class ImageService:
             raise
         return keys
 
+    async def _resolve(self, tenant_id: str, req: ImageGenerationRequest) -> AdapterSpec | None:
+        """The concrete adapter version the request names (404 if the tenant has no such)."""
+        from registry.adapters import AdapterNotFound, RegistryError
+
+        parsed = self.limits.adapter(req)
+        if parsed is None:
+            return None
+        if self.adapters is None:
+            raise InvalidField("adapter", "this server renders the base model only")
+        ref, scale = parsed
+        try:
+            return await asyncio.to_thread(self.adapters.resolve, tenant_id, ref, scale)
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), param="adapter", code="adapter_not_found") from None
+        except RegistryError as e:
+            log.error("resolving adapter %s of %s failed: %s", ref, tenant_id, e)
+            raise ServiceUnavailable(
+                "the adapter registry is unavailable", "registry_unavailable"
+            ) from None
+        except AdapterLoadError as e:
+            raise APIError(e.status, e.message, param="adapter", code=e.code) from None
+
+    async def _render(self, job: RenderJob) -> list[RenderedImage]:
+        try:
+            return await self.renderer.render(job)
+        except AdapterLoadError as e:
+            log.error("render with adapter %s failed: %s", job.adapter, e)
+            headers = {"Retry-After": "2"} if e.status == 503 else None
+            raise APIError(
+                e.status, e.message, param="adapter", code=e.code, headers=headers
+            ) from None
+
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
+        adapter = await self._resolve(tenant_id, req)
+        job = dataclasses.replace(job, adapter=adapter)
         async with self._slot(tenant_id, len(job.seeds)):
-            images = await self.renderer.render(job)
+            images = await self._render(job)
             render_id = secrets.token_hex(12)
             try:
                 keys = await asyncio.to_thread(self._store_all, tenant_id, render_id, images)
@@ -123,6 +167,8 @@ class ImageService:
             await asyncio.to_thread(
                 self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
             )
+        if self.on_rendered is not None:
+            self.on_rendered(tenant_id, len(images), adapter)
         data = []
         for key, image in zip(keys, images, strict=True):
             if req.response_format == "b64_json":
@@ -133,5 +179,9 @@ class ImageService:
                 url = self.store.presigned_get(key, self.presign_expiry_s)
                 data.append(ImageData(seed=image.seed, url=url))
         return ImagesResponse(
-            id=render_id, created=int(time.time()), model=self.limits.model.id, data=data
+            id=render_id,
+            created=int(time.time()),
+            model=self.limits.model.id,
+            data=data,
+            adapter=adapter.describe() if adapter else None,
         )

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry.adapter_refs import AdapterRef
 from registry.base_models import BaseModelInfo
 from registry.settings import Settings
 from serve.errors import InvalidField
@@ -39,6 +40,43 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, description="Denoising steps; default from the model.")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
     user: str | None = Field(None, max_length=256, description="OpenAI's end-user id; recorded.")
+    adapter: str | None = Field(
+        None,
+        description="The tenant's brand adapter: `acme` (alias production), `acme@staging` "
+        "(an alias) or `acme:3` (a version). Unset renders the base model.",
+    )
+    adapter_scale: float | None = Field(
+        None, description="Strength of the adapter, 0..max_adapter_scale (default 1; 0 = base)."
+    )
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The concrete adapter version a render uses, as resolved by the ingress from the registry.
+
+    `model_id` (`<tenant>/<brand>:<version>`) is the Serve multiplexing key; `weights_uri` and
+    `sha256` tell a replica where the weights are and what they must hash to.
+    """
+
+    tenant: str
+    brand: str
+    version: int
+    scale: float
+    sha256: str
+    weights_uri: str
+    ref: str  # what the request named, e.g. "acme" or "acme@staging"
+
+    @property
+    def model_id(self) -> str:
+        return adapter_model_id(self.tenant, self.brand, self.version)
+
+    def describe(self) -> dict:
+        """The `adapter` object of a render response."""
+        return {"ref": self.ref, "brand": self.brand, "version": self.version, "scale": self.scale}
+
+
+def adapter_model_id(tenant: str, brand: str, version: int) -> str:
+    return f"{tenant}/{brand}:{version}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +90,7 @@ class RenderJob:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
+    adapter: AdapterSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +108,7 @@ class RenderLimits:
     max_images: int
     max_steps: int
     max_guidance_scale: float
+    max_adapter_scale: float = 2.0
 
     @classmethod
     def from_settings(cls, settings: Settings, model: BaseModelInfo) -> RenderLimits:
@@ -78,6 +118,7 @@ class RenderLimits:
             max_images=settings.max_images_per_request,
             max_steps=settings.max_steps,
             max_guidance_scale=settings.max_guidance_scale,
+            max_adapter_scale=settings.max_adapter_scale,
         )
 
     def _size(self, size: str | None) -> tuple[int, int]:
@@ -97,10 +138,32 @@ class RenderLimits:
                 )
         return w, h
 
+    def adapter(self, req: ImageGenerationRequest) -> tuple[AdapterRef, float] | None:
+        """The parsed adapter reference and scale, or None for the base model (400 if bad)."""
+        if req.adapter is None:
+            if req.adapter_scale is not None:
+                raise InvalidField(
+                    "adapter_scale", "adapter_scale is set but no adapter is named; add `adapter`"
+                )
+            return None
+        try:
+            ref = AdapterRef.parse(req.adapter)
+        except ValueError as e:
+            raise InvalidField("adapter", str(e)) from None
+        scale = 1.0 if req.adapter_scale is None else req.adapter_scale
+        if not 0 <= scale <= self.max_adapter_scale:  # NaN fails this too
+            raise InvalidField(
+                "adapter_scale",
+                f"adapter_scale must be between 0 and {self.max_adapter_scale}, got {scale}",
+            )
+        return ref, scale
+
     def check(
         self, req: ImageGenerationRequest, rng: secrets.SystemRandom | None = None
     ) -> RenderJob:
-        """Validate every field against its limit and build the engine job (seeds drawn here)."""
+        """Validate every field against its limit and build the engine job (seeds drawn here).
+        The adapter is checked here (`adapter`) but resolved by the caller, who sets it on the
+        job with `dataclasses.replace`."""
         m = self.model
         if not req.prompt.strip():
             raise InvalidField("prompt", "prompt must not be empty")
@@ -138,6 +201,7 @@ class RenderLimits:
         if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
             raise InvalidField("seed", f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
         width, height = self._size(req.size)
+        self.adapter(req)
         if req.seed is None:
             rng = rng or secrets.SystemRandom()
             seeds = tuple(rng.randint(0, MAX_SEED) for _ in range(req.n))
@@ -175,11 +239,13 @@ class ImagesResponse:
     created: int
     model: str
     data: list[ImageData] = field(default_factory=list)
+    adapter: dict | None = None  # `AdapterSpec.describe()` of the version used, or None
 
     def to_dict(self) -> dict:
         return {
             "id": self.id,
             "created": self.created,
             "model": self.model,
+            "adapter": self.adapter,
             "data": [d.to_dict() for d in self.data],
         }

@@ -27,6 +27,7 @@ PORT_FIELDS = (
     "ray_dashboard_port",
     "ray_client_port",
     "ray_dashboard_agent_port",
+    "ray_metrics_export_port",
 )
 
 
@@ -53,6 +54,11 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
         ray_num_cpus=4,
         dataset_max_upload_bytes=4 * 1024 * 1024,  # small, so the 413 tests send little
         fine_tune_checkpoint_every=4,
+        # Hot-swap: two adapters in the pipeline and a host tier of ~3 test adapters, so the
+        # cache tests see every tier evict; promotions show within a second.
+        max_adapters_per_replica=2,
+        adapter_host_cache_mb=4,
+        adapter_resolve_ttl_s=1.0,
         **ports,
         **overrides,
     )

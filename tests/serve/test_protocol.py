@@ -66,3 +66,38 @@ def test_limits_name_field_and_bound(fields, param, fragment):
 def test_valid_sizes():
     job = check(size="128x64")
     assert (job.width, job.height) == (128, 64)
+
+
+def adapter(**fields):
+    return LIMITS.adapter(ImageGenerationRequest(prompt="a cat", **fields))
+
+
+def test_adapter_references_parse_to_alias_or_version_with_scale():
+    assert adapter() is None
+    ref, scale = adapter(adapter="acme")
+    assert (ref.brand, ref.alias, ref.version, scale) == ("acme", "production", None, 1.0)
+    ref, scale = adapter(adapter="acme@staging", adapter_scale=0)
+    assert (ref.alias, scale) == ("staging", 0.0)
+    ref, scale = adapter(adapter="acme:3", adapter_scale=LIMITS.max_adapter_scale)
+    assert (ref.version, scale) == (3, LIMITS.max_adapter_scale)
+    assert check(adapter="acme").adapter is None  # resolved later, by the ingress
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"adapter": "acme:"}, "adapter", "positive integer"),
+        ({"adapter": "ACME"}, "adapter", "brand 'ACME' is invalid"),
+        ({"adapter": "acme@v1"}, "adapter", "reserved"),
+        ({"adapter": "acme@x@y"}, "adapter", "malformed"),
+        ({"adapter": "acme", "adapter_scale": -1}, "adapter_scale", "between 0 and 2.0"),
+        ({"adapter": "acme", "adapter_scale": float("nan")}, "adapter_scale", "between 0"),
+        ({"adapter": "acme", "adapter_scale": 2.01}, "adapter_scale", "got 2.01"),
+        ({"adapter_scale": 1.0}, "adapter_scale", "no adapter is named"),
+    ],
+)
+def test_bad_adapter_fields_name_the_field_and_the_rule(fields, param, says):
+    with pytest.raises(InvalidField) as e:
+        check(**fields)
+    assert e.value.param == param and e.value.status == 400
+    assert says in e.value.message
