@@ -286,7 +286,10 @@ class Ingress:
         return self._api
 
 
-def build_app(settings: Settings, model: BaseModelInfo) -> serve.Application:
-    """The farm's Serve application for fully resolved settings (absolute paths, credentials)."""
-    replica = DiffusionReplica.options(**replica_deployment_options(settings)).bind(settings, model)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, replica)
+def build_app(
+    settings: Settings, model: BaseModelInfo, replica: serve.Deployment = DiffusionReplica
+) -> serve.Application:
+    """The farm's Serve application for fully resolved settings (absolute paths, credentials).
+    `replica` is the render deployment (benchmarks swap in variants built from it)."""
+    bound = replica.options(**replica_deployment_options(settings)).bind(settings, model)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, bound)

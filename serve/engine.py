@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import threading
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ def encode_png(image: Image.Image, metadata: dict[str, str | int | float | None]
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+# peft narrates normal slot management (several adapters on one model, deleting the active
+# one, which the next job replaces anyway); these are not problems here.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+warnings.filterwarnings("ignore", message=r"Adapter \S+ was active which is now deleted")
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,7 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
         max_adapters_per_replica=2,
         adapter_host_cache_mb=4,
         adapter_resolve_ttl_s=1.0,
-        **ports,
-        **overrides,
+        **{**ports, **overrides},  # an override may pin a port
     )
 
 

@@ -11,6 +11,7 @@ Every placement assertion reads Ray (actors, nodes, placement groups), never our
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -294,6 +295,61 @@ def test_autoscaling_follows_a_burst_up_to_max_and_back(sim):
         assert [o for o in burst.outcomes if not o.ok and o.status != 503] == []
     finally:
         serve.delete("burst")
+
+
+def test_up_with_address_deploys_the_farm_onto_the_existing_cluster(sim, tmp_path):
+    """`brandfarm up --address` (the CLI, in its own process): object store and MLflow start
+    locally, no Ray node does, and the app's replicas run on the cluster's nodes. `down` removes
+    the app and leaves the cluster up."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from registry.tenants import TenantDirectory
+
+    address = sim.stack.ray_address(sim.settings)
+    own = farm_settings(tmp_path / "state", device="cpu", api_port=sim.settings.api_port)
+    env = {**own.to_env(), "PATH": os.environ.get("PATH", "")}
+    env.pop("BRANDFARM_RAY_ADDRESS", None)
+    brandfarm = [sys.executable, "-m", "cluster.cli"]
+    nodes_before = {n.node_id for n in ray_alive_nodes()}
+    up = subprocess.run(
+        [*brandfarm, "up", "--address", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        assert {n.node_id for n in ray_alive_nodes()} == nodes_before  # no new Ray node
+        assert not (tmp_path / "state" / "run" / "ray.json").exists()
+        [replica] = replicas(APP_NAME)  # on one of the cluster's own nodes
+        assert replica.node_id in nodes_before
+
+        resolved = Settings(**{**own.model_dump(), "ray_address": address})
+        db = TenantDirectory.from_url(f"sqlite:///{tmp_path / 'state' / 'brandfarm.db'}")
+        key = db.create_tenant("on-cluster").key
+        r = httpx.post(
+            f"{resolved.api_url}/v1/images/generations",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"prompt": "a red circle on a blue background", "steps": 2, "seed": 1},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["url"].startswith(resolved.resolved_s3_endpoint)
+    finally:
+        down = subprocess.run(
+            [*brandfarm, "down"],
+            env={**env, "BRANDFARM_RAY_ADDRESS": address},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    wait_for(lambda: not replicas(APP_NAME), 60, "the app's replicas gone after down")
+    assert {n.node_id for n in ray_alive_nodes()} == nodes_before  # the cluster stays up
 
 
 def test_losing_a_worker_node_under_steady_load(sim):
