@@ -11,6 +11,7 @@ Every placement assertion reads Ray (actors, nodes, placement groups), never our
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -104,7 +105,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
     )
     stack = LocalStack(settings)
     try:
-        for name in ("ray", *WORKERS):  # the Ray part of `up`; no store or MLflow needed here
+        # The Ray part of `up`, plus the object store the adapter-routing test reads weights from.
+        for name in ("s3", "ray", *WORKERS):
             stack.start(name)
         s = stack.resolved_settings()
         if ray.is_initialized():
@@ -295,6 +297,48 @@ def test_autoscaling_follows_a_burst_up_to_max_and_back(sim):
         assert [o for o in burst.outcomes if not o.ok and o.status != 503] == []
     finally:
         serve.delete("burst")
+
+
+def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(sim):
+    """Serve's model multiplexing with the farm's ids: two replicas, two adapters, requests one
+    at a time. Each adapter is loaded by exactly one replica, once, and every later request for
+    it is routed there (the replicas' own records say what each holds)."""
+    import hashlib
+    from collections import defaultdict
+
+    from finetune.synthetic_lora import random_lora_bytes
+    from registry.base_models import load_pipeline
+    from registry.storage import ObjectStore
+    from serve.protocol import AdapterSpec
+
+    store = ObjectStore.from_settings(sim.settings, bucket=sim.settings.mlflow_artifacts_bucket)
+    store.ensure_bucket()
+    unet = load_pipeline(sim.model, "cpu").unet
+    specs = []
+    for i, brand in enumerate(("routed-a", "routed-b")):
+        data = random_lora_bytes(unet, seed=70 + i)
+        key = f"routing/{brand}.safetensors"
+        store.put_bytes(key, data)
+        sha = hashlib.sha256(data).hexdigest()
+        uri = f"s3://{store.bucket}/{key}"
+        specs.append(AdapterSpec("route-co", brand, 1, 1.0, sha, uri, brand))
+    sim.deploy("routing", num_replicas=2, gpus_per_replica=0, cpus_per_replica=0.5)
+    try:
+        renderer = ServeRenderer(serve.get_app_handle("routing"))
+        for spec in [*specs, *specs, *specs, specs[0], specs[0]]:
+            job = dataclasses.replace(JOB, adapter=spec)
+            [image] = asyncio.run(renderer.render(job))
+            assert image.png.startswith(b"\x89PNG")
+        alive = {a.name for a in replicas("routing")}
+        holders = defaultdict(list)
+        for name, record in replica_state.read_all().items():
+            if name in alive:
+                for model_id in record.get("host_cached", []):
+                    holders[model_id].append(name)
+        for spec in specs:
+            assert len(holders[spec.model_id]) == 1, dict(holders)  # fetched by one replica
+    finally:
+        serve.delete("routing")
 
 
 def test_up_with_address_deploys_the_farm_onto_the_existing_cluster(sim, tmp_path):
