@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from registry.base_models import _byte_level_clip_tokenizer  # noqa: E402
+from registry.base_models import TINY_SD_SHAPES, random_sd_pipeline  # noqa: E402
 from registry.device_plan import (  # noqa: E402
     component_bytes,
     dispatch_plan,
@@ -73,79 +73,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_pipeline(tiny: bool, seed: int):
-    """SD-1.5 shapes (or the test-sized ones) with random weights, in float32 on the CPU."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+#: Stable Diffusion 1.5's component shapes (UNet 860M, CLIP ViT-L text encoder, SD VAE).
+SD15_SHAPES: dict[str, dict] = {
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+    },
+    "unet": {
+        "sample_size": 64,
+        "layers_per_block": 2,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+    },
+}
+SD15_VOCAB = 49408  # CLIP's vocabulary size: the text encoder's embedding table as in SD 1.5
 
-    torch.manual_seed(seed)
-    tokenizer = _byte_level_clip_tokenizer(max_length=77)
+
+def build_pipeline(tiny: bool, seed: int):
+    """SD-1.5 shapes (or tiny-sd-random's) with random weights, in float32 on the CPU."""
     if tiny:
-        text = dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-        )
-        unet = dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            norm_num_groups=16,
-            sample_size=8,
-        )
-        vae = dict(block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=1)
-    else:  # Stable Diffusion 1.5
-        text = dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
-        )
-        unet = dict(
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            layers_per_block=2,
-            cross_attention_dim=768,
-            norm_num_groups=32,
-            sample_size=64,
-        )
-        vae = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
-    depth = len(vae["block_out_channels"])
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * depth,
-            up_block_types=("UpDecoderBlock2D",) * depth,
-            latent_channels=4,
-            **vae,
-        ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                **text,
-            )
-        ),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(in_channels=4, out_channels=4, attention_head_dim=8, **unet),
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        return random_sd_pipeline(TINY_SD_SHAPES, seed)
+    return random_sd_pipeline(SD15_SHAPES, seed, vocab_size=SD15_VOCAB)
 
 
 def random_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:

@@ -145,9 +145,38 @@ def _byte_level_clip_tokenizer(max_length: int):
     )
 
 
-def build_tiny_random_sd(out_dir: Path, seed: int = 0) -> Path:
-    """A Stable-Diffusion-architecture pipeline with random weights (64x64 images), written with
-    `save_pretrained` so that it is always loaded through the real `from_pretrained` path."""
+#: Component shapes of `tiny-sd-random` (also the GPU benchmark's `--tiny` pipeline).
+TINY_SD_SHAPES: dict[str, dict] = {
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
+    "unet": {
+        "sample_size": 32,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (16, 32),
+        "norm_num_groups": 16,
+        "sample_size": 64,
+    },
+}
+
+
+def random_sd_pipeline(shapes: dict[str, dict], seed: int = 0, vocab_size: int | None = None):
+    """A Stable-Diffusion-architecture pipeline with random weights, built from the component
+    shapes given (`TINY_SD_SHAPES` or, e.g., SD 1.5's), our byte-level tokenizer and DDIM; no
+    download. `vocab_size` defaults to the tokenizer's."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -161,39 +190,16 @@ def build_tiny_random_sd(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _byte_level_clip_tokenizer(max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            vocab_size=vocab_size or len(tokenizer),
             max_position_embeddings=77,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
+            **shapes["text_encoder"],
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **shapes["vae"])
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -202,7 +208,7 @@ def build_tiny_random_sd(out_dir: Path, seed: int = 0) -> Path:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -212,6 +218,12 @@ def build_tiny_random_sd(out_dir: Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_random_sd(out_dir: Path, seed: int = 0) -> Path:
+    """`tiny-sd-random`: `TINY_SD_SHAPES` with random weights (64x64 images), written with
+    `save_pretrained` so that it is always loaded through the real `from_pretrained` path."""
+    pipe = random_sd_pipeline(TINY_SD_SHAPES, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename, so a crash never leaves a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
