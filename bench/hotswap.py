@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 
+from cluster.processes import free_ports
 from cluster.stack import LocalStack
 from finetune.synthetic_lora import write_random_lora
 from registry.adapters import PRODUCTION, AdapterRegistry
@@ -49,20 +50,8 @@ from serve.protocol import AdapterSpec, RenderJob
 PROMPT = "a red circle on a blue background"
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start_farm(state: Path) -> tuple[LocalStack, Settings]:
-    names = [n for n in Settings.model_fields if n.endswith("_port") and "worker" not in n]
+    names = Settings.service_port_fields()
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     stack = LocalStack(
         Settings(state_dir=state, ray_num_cpus=4, max_inflight_per_tenant=64, **ports)

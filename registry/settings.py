@@ -241,13 +241,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @classmethod
+    def service_port_fields(cls) -> tuple[str, ...]:
+        """The fields naming a port a service listens on (not Ray's worker port range)."""
+        names = cls.model_fields
+        return tuple(n for n in names if n.endswith("_port") and "worker_port" not in n)
+
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:
-        ports = {
-            name: getattr(self, name)
-            for name in type(self).model_fields
-            if name.endswith("_port") and "worker_port" not in name
-        }
+        ports = {name: getattr(self, name) for name in self.service_port_fields()}
         seen: dict[int, str] = {}
         for name, port in ports.items():
             if port in seen:

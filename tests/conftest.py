@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.processes import free_ports
 from cluster.stack import LocalStack
 from registry.base_models import BaseModelInfo
 from registry.db import make_engine
@@ -19,29 +19,7 @@ from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 
-PORT_FIELDS = (
-    "api_port",
-    "s3_port",
-    "mlflow_port",
-    "ray_gcs_port",
-    "ray_dashboard_port",
-    "ray_client_port",
-    "ray_dashboard_agent_port",
-    "ray_metrics_export_port",
-)
-
-
-def free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports from the OS's ephemeral range (outside Ray's worker range)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+PORT_FIELDS = Settings.service_port_fields()
 
 
 def farm_settings(state_dir: Path, **overrides: object) -> Settings:

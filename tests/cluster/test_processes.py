@@ -11,11 +11,17 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.processes import ManagedProcess, ProcessSpec, StackError, pid_alive, port_is_free
+from cluster.processes import (
+    ManagedProcess,
+    ProcessSpec,
+    StackError,
+    free_ports,
+    pid_alive,
+    port_is_free,
+)
 from cluster.stack import LocalStack, http_ok
 from cluster.topology import local_worker_resource, node_name
 from registry.settings import Settings
-from tests.conftest import free_ports
 
 
 def _http_server(port: int) -> ProcessSpec:
