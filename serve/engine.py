@@ -162,7 +162,11 @@ class DiffusionEngine:
         pipe = self.pipeline
         if not hasattr(pipe, "load_lora_into_unet"):
             raise TypeError(f"{type(pipe).__name__} has no UNet LoRA loader")
-        state_dict, network_alphas = pipe.lora_state_dict(dict(weights.state_dict))
+        # Copies: diffusers loads with low_cpu_mem_usage, which makes the pipeline's LoRA
+        # parameters *be* the tensors it is given, and an in-place swap later writes into them;
+        # the caller's tensors (the host-RAM tier's) must stay the adapter's own.
+        owned = {key: tensor.clone() for key, tensor in weights.state_dict.items()}
+        state_dict, network_alphas = pipe.lora_state_dict(owned)
         if not state_dict or not all("lora" in key for key in state_dict):
             raise ValueError("not a LoRA state dict: every key must contain 'lora'")
         common = {

@@ -154,6 +154,25 @@ def test_in_place_swaps_and_fresh_loads_render_the_same_pixels(model, adapters):
     assert np.array_equal(render(one_slot, adapters, "b2"), expected["b2"])
 
 
+def test_reused_weights_survive_in_place_swaps(model, adapters):
+    """The host tier hands the engine the same parsed weights again and again: loading and
+    then swapping another adapter into that slot must leave them untouched."""
+    import torch
+
+    reference = DiffusionEngine.load(model, "cpu", max_adapters=4)
+    cached = {b: weights(adapters, b) for b in ("b0", "b1")}
+    originals = {b: {k: t.clone() for k, t in w.state_dict.items()} for b, w in cached.items()}
+    expected = {b: render(reference, adapters, b) for b in cached}
+    one_slot = DiffusionEngine.load(model, "cpu", max_adapters=1)
+    for brand in ("b0", "b1", "b0", "b1"):
+        spec = adapters[brand][0]
+        image = px(one_slot.generate(job(spec), cached[brand]))
+        assert np.array_equal(image, expected[brand]), brand
+    assert one_slot.hotswaps == 3
+    for brand, weights_ in cached.items():
+        assert all(torch.equal(originals[brand][k], t) for k, t in weights_.state_dict.items())
+
+
 def test_the_files_lora_alpha_is_honoured_as_diffusers_loads_the_file(model, tmp_path):
     from finetune.synthetic_lora import write_random_lora
 
