@@ -140,16 +140,22 @@ def replica_pid(farm) -> int:
     return alive[0].pid
 
 
-def settled_metrics(farm, timeout_s: float = 90) -> dict[tuple[str, str], float]:
-    """The counters once Ray has exported everything counted so far (two equal reads)."""
+# Ray exports a process's metrics every `metrics_report_interval_ms` (10 s by default).
+RAY_METRICS_EXPORT_S = 10.0
+
+
+def settled_metrics(farm, timeout_s: float = 120) -> dict[tuple[str, str], float]:
+    """The counters once Ray has exported everything counted so far: unchanged for longer than
+    Ray's export period (two equal reads a few seconds apart can both precede an export)."""
     deadline = time.monotonic() + timeout_s
-    last = scrape(farm)
+    last, since = scrape(farm), time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(6)
+        time.sleep(3)
         now = scrape(farm)
-        if now == last:
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > RAY_METRICS_EXPORT_S + 3:
             return now
-        last = now
     raise AssertionError("the farm's metrics kept changing with no requests in flight")
 
 
