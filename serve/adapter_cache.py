@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from serve.errors import APIError
 from serve.protocol import AdapterSpec
 
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
@@ -53,6 +54,11 @@ class AdapterLoadError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def as_api_error(self) -> APIError:
+        """The API's answer for this failure (a 503 carries `Retry-After`)."""
+        headers = {"Retry-After": "2"} if self.status == 503 else None
+        return APIError(self.status, self.message, param="adapter", code=self.code, headers=headers)
 
 
 def _adapter_error(

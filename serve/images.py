@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from registry.adapter_refs import AdapterRef
+from registry.adapters import AdapterNotFound, RegistryError
 from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
 from serve.adapter_cache import AdapterLoadError
@@ -122,8 +123,6 @@ class ImageService:
 
     async def _resolve(self, tenant_id: str, req: ImageGenerationRequest) -> AdapterSpec | None:
         """The concrete adapter version the request names (404 if the tenant has no such)."""
-        from registry.adapters import AdapterNotFound, RegistryError
-
         parsed = self.limits.adapter(req)
         if parsed is None:
             return None
@@ -140,17 +139,14 @@ class ImageService:
                 "the adapter registry is unavailable", "registry_unavailable"
             ) from None
         except AdapterLoadError as e:
-            raise APIError(e.status, e.message, param="adapter", code=e.code) from None
+            raise e.as_api_error() from None
 
     async def _render(self, job: RenderJob) -> list[RenderedImage]:
         try:
             return await self.renderer.render(job)
         except AdapterLoadError as e:
             log.error("render with adapter %s failed: %s", job.adapter, e)
-            headers = {"Retry-After": "2"} if e.status == 503 else None
-            raise APIError(
-                e.status, e.message, param="adapter", code=e.code, headers=headers
-            ) from None
+            raise e.as_api_error() from None
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
