@@ -37,8 +37,8 @@ from mlflow import MlflowClient
 
 from cluster.processes import free_ports
 from cluster.stack import LocalStack
-from finetune.synthetic_lora import write_random_lora
-from registry.adapters import PRODUCTION, AdapterRegistry
+from finetune.synthetic_lora import register_random_lora
+from registry.adapters import AdapterRegistry
 from registry.base_models import load_pipeline
 from registry.settings import Settings
 from registry.storage import ObjectStore
@@ -62,28 +62,13 @@ def start_farm(state: Path) -> tuple[LocalStack, Settings]:
 def register_brands(settings: Settings, model, tenant: str, n: int, rank: int, root: Path):  # noqa: ANN001
     registry = AdapterRegistry(settings.resolved_mlflow_uri)
     mlflow = MlflowClient(settings.resolved_mlflow_uri)
-    experiment = mlflow.create_experiment(f"bench-hotswap-{tenant}")
     unet = load_pipeline(model, "cpu").unet
     specs = []
     for i in range(n):
         brand = f"brand-{i}"
-        folder = write_random_lora(
-            unet, root / brand, seed=i, rank=rank, base_model_dir=model.path
-        ).parent
-        run_id = mlflow.create_run(experiment).info.run_id
-        tags = {
-            "base_model": model.id,
-            "base_model_revision": model.revision,
-            "dataset_sha256": "0" * 64,
-            "job_id": f"bench-{i}",
-            "trigger_word": "zqx",
-            "rank": rank,
-            "alpha": rank,
-            "steps": 0,
-        }
-        version = registry.register(tenant, brand, folder, run_id=run_id, tags=tags)
-        mlflow.set_terminated(run_id)
-        registry.set_alias(tenant, brand, PRODUCTION, version.version)
+        version = register_random_lora(
+            registry, mlflow, tenant, brand, model, unet, root / brand, seed=i, rank=rank
+        )
         specs.append(
             AdapterSpec(
                 tenant,

@@ -77,3 +77,41 @@ def random_lora_bytes(unet, *, seed: int, rank: int = 4, strength: float = 0.5) 
         return write_random_lora(
             unet, Path(tmp), seed=seed, rank=rank, strength=strength
         ).read_bytes()
+
+
+def register_random_lora(
+    registry,  # noqa: ANN001 - registry.adapters.AdapterRegistry
+    mlflow_client,  # noqa: ANN001 - mlflow.MlflowClient on the same server
+    tenant: str,
+    brand: str,
+    model,  # noqa: ANN001 - registry.base_models.BaseModelInfo the adapter is for
+    unet,  # noqa: ANN001 - that model's UNet (or another model's, to make a misfit)
+    folder: Path,
+    *,
+    seed: int,
+    rank: int = 4,
+    alias: str | None = "production",
+):  # noqa: ANN201 - registry.adapters.AdapterVersion
+    """Write a random LoRA to `folder` and register it as a new version of the tenant's brand
+    the way a fine-tune job does (a run in an experiment, every lineage tag, verified upload);
+    then point `alias` at it (None: leave the version at `staging` only)."""
+    write_random_lora(unet, folder, seed=seed, rank=rank, base_model_dir=model.path)
+    experiment = f"synthetic-adapters-{tenant}"
+    found = mlflow_client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else mlflow_client.create_experiment(experiment)
+    run_id = mlflow_client.create_run(exp_id).info.run_id
+    tags = {
+        "base_model": model.id,
+        "base_model_revision": model.revision,
+        "dataset_sha256": "0" * 64,  # no dataset: random weights
+        "job_id": f"synthetic-{seed}",
+        "trigger_word": "zqx",
+        "rank": rank,
+        "alpha": rank,
+        "steps": 0,
+    }
+    version = registry.register(tenant, brand, folder, run_id=run_id, tags=tags)
+    mlflow_client.set_terminated(run_id)
+    if alias is None:
+        return version
+    return registry.set_alias(tenant, brand, alias, version.version)

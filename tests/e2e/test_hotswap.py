@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from finetune.synthetic_lora import write_random_lora
+from finetune.synthetic_lora import register_random_lora
 from registry.adapters import PRODUCTION, AdapterRegistry, AdapterVersion
 from registry.base_models import TINY_RANDOM, ensure_base_model, load_pipeline
 from registry.storage import ObjectStore
@@ -34,19 +34,6 @@ from registry.storage import ObjectStore
 pytestmark = pytest.mark.e2e
 
 PROMPT = "a red circle on a blue background"
-
-
-def lineage(job_id: str, model) -> dict[str, object]:  # noqa: ANN001 - BaseModelInfo
-    return {
-        "base_model": model.id,
-        "base_model_revision": model.revision,
-        "dataset_sha256": "0" * 64,
-        "job_id": job_id,
-        "trigger_word": "zqx",
-        "rank": 4,
-        "alpha": 4,
-        "steps": 0,
-    }
 
 
 @dataclass
@@ -60,24 +47,27 @@ class Hotswap:
     unet: object  # the base model's UNet, to make adapters for
 
     def register(
-        self, brand: str, seed: int, *, rank: int = 4, tenant: str | None = None, unet=None
+        self,
+        brand: str,
+        seed: int,
+        *,
+        rank: int = 4,
+        unet=None,
+        alias: str | None = PRODUCTION,
     ) -> AdapterVersion:
-        """Register a new version of `brand` (random LoRA `seed`) and point production at it."""
-        tenant = tenant or self.tenant
-        folder = self.root / f"{tenant}-{brand}-{seed}-{rank}"
-        model = self.farm.model
-        write_random_lora(
-            unet or self.unet, folder, seed=seed, rank=rank, base_model_dir=model.path
+        """Register a new version of `brand` (random LoRA `seed`) and point `alias` at it."""
+        return register_random_lora(
+            self.registry,
+            self.mlflow,
+            self.tenant,
+            brand,
+            self.farm.model,
+            unet or self.unet,
+            self.root / f"{self.tenant}-{brand}-{seed}-{rank}",
+            seed=seed,
+            rank=rank,
+            alias=alias,
         )
-        experiment = f"hotswap-tests-{tenant}"
-        found = self.mlflow.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else self.mlflow.create_experiment(experiment)
-        run_id = self.mlflow.create_run(exp_id).info.run_id
-        version = self.registry.register(
-            tenant, brand, folder, run_id=run_id, tags=lineage(f"job-{seed}", model)
-        )
-        self.mlflow.set_terminated(run_id)
-        return self.registry.set_alias(tenant, brand, PRODUCTION, version.version)
 
     def post(self, key: str | None = None, headers: dict | None = None, **body) -> httpx.Response:
         body = {"prompt": PROMPT, "seed": 5, "steps": 6, "response_format": "b64_json", **body}
@@ -263,17 +253,7 @@ def test_promotion_and_rollback_reach_serving_within_the_ttl(hs):
     v1 = hs.register(brand, seed=300)
     first, used = hs.render(adapter=brand)
     assert used["version"] == v1.version == 1
-    v2 = hs.registry.register(
-        hs.tenant,
-        brand,
-        write_random_lora(
-            hs.unet, hs.root / "promo-v2", seed=301, base_model_dir=hs.farm.model.path
-        ).parent,
-        run_id=hs.mlflow.create_run(
-            hs.mlflow.get_experiment_by_name(f"hotswap-tests-{hs.tenant}").experiment_id
-        ).info.run_id,
-        tags=lineage("job-301", hs.farm.model),
-    )
+    v2 = hs.register(brand, seed=301, alias=None)  # a new version, at `staging` only
     staged, used = hs.render(adapter=f"{brand}@staging")
     assert used["version"] == v2.version == 2
 
