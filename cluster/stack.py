@@ -46,6 +46,27 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def database_problem(url: str, timeout_s: int = 5) -> str | None:
+    """Why the database at `url` cannot be used, in words that name no credential; None if it
+    answers."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    connect_args = {"connect_timeout": timeout_s} if url.startswith("postgresql") else {}
+    try:
+        engine = create_engine(url, connect_args=connect_args)
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        return "is not a valid SQLAlchemy URL"
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        return "cannot be reached or refuses the connection"
+    finally:
+        engine.dispose()
+    return None
+
+
 # A Ray node keeps nothing worth a long grace (the GCS holds no durable state here), and a head
 # whose GCS is gone leaves its raylet waiting on TERM for half a minute: KILL after 5 s.
 RAY_STOP_TIMEOUT_S = 5.0
@@ -299,9 +320,38 @@ class LocalStack:
     def base_model(self, s: Settings) -> BaseModelInfo:
         return ensure_base_model(s.base_model, self.state / "models", s.max_image_side)
 
+    def check_external(self, s: Settings) -> None:
+        """Fail fast, naming the setting to fix, when a service configured as external (or the
+        database) does not answer; before anything is started."""
+        if s.s3_endpoint and not ObjectStore.from_settings(s).ping():
+            raise StackError(
+                "the object store configured by s3_endpoint (BRANDFARM_S3_ENDPOINT) cannot be "
+                "reached, or refuses s3_access_key/s3_secret_key, or has no bucket s3_bucket "
+                f"({s.s3_bucket}); fix those settings or unset s3_endpoint to run the embedded one"
+            )
+        if s.mlflow_tracking_uri and not http_ok(f"{s.resolved_mlflow_uri}/health", timeout=5):
+            raise StackError(
+                "the MLflow server configured by mlflow_tracking_uri "
+                "(BRANDFARM_MLFLOW_TRACKING_URI) does not answer /health; fix it or unset it to "
+                "run the embedded one"
+            )
+        if s.ray_address and not http_ok(f"{s.ray_dashboard_url}/api/version", timeout=5):
+            raise StackError(
+                "the Ray cluster named by ray_address (BRANDFARM_RAY_ADDRESS or RAY_ADDRESS) "
+                f"does not answer on its dashboard port {s.ray_dashboard_port} "
+                "(ray_dashboard_port); fix either, or unset ray_address to start a local head"
+            )
+        problem = database_problem(s.resolved_database_url)
+        if problem:
+            raise StackError(
+                f"the database named by database_url (BRANDFARM_DATABASE_URL) {problem}; "
+                "fix the URL or unset it to use SQLite in the state directory"
+            )
+
     def up(self, redeploy: bool = False) -> Settings:
         """Start everything not external; returns the resolved settings the farm runs with."""
         s = self.resolved_settings(create=True)
+        self.check_external(s)
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         for component in self._components(s):
             self.progress(f"starting {component.spec.name}{_where(component.spec)}")
