@@ -10,8 +10,8 @@ import asyncio
 import logging
 
 from finetune.datasets import DatasetLimits, DatasetRejected, validate_dataset_zip
-from registry.db import utcnow
 from registry.files import FileCatalog, FileRecord, new_file_id
+from registry.sql_base import utcnow
 from registry.storage import ObjectStore, StorageError, tenant_prefix
 from serve.errors import APIError, InvalidField, StorageUnavailable
 
