@@ -15,8 +15,10 @@ from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
 from cluster.topology import Topology
 from registry.base_models import BaseModelError
+from registry.limits import SETTING_OF, EffectiveLimits
+from registry.retention import expire_renders
 from registry.settings import Settings, load_settings
-from registry.storage import StorageError
+from registry.storage import ObjectStore, StorageError
 from registry.tenants import TenantDirectory, TenantError
 
 app = typer.Typer(help="brandfarm: a multi-tenant text-to-image render farm.", no_args_is_help=True)
@@ -24,6 +26,8 @@ tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=Tr
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
+renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
+app.add_typer(renders_app, name="renders")
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
 console = Console()
@@ -180,14 +184,87 @@ def tenants_add_key(name: Annotated[str, typer.Argument(help="Tenant id.")]) -> 
     print(issued.key)
 
 
+def _limit_cell(own: float | None, effective: float | None) -> str:
+    if effective is None:
+        return "-"
+    return f"{effective:g}" + ("" if own is not None else " (farm)")
+
+
 @tenants_app.command("list")
 def tenants_list() -> None:
-    """List tenants with their active key count and quota."""
-    table = Table("tenant", "created", "active keys", "images/hour")
-    for t in _tenants(_settings()).list_tenants():
+    """List tenants with their active key count, quota and limits ("(farm)": the farm's
+    setting applies; "-": no cap)."""
+    settings = _settings()
+    table = Table(
+        "tenant",
+        "created",
+        "active keys",
+        "images/hour",
+        "concurrent fine-tunes",
+        "queued jobs",
+        "stored bytes",
+        "render retention days",
+    )
+    for t in _tenants(settings).list_tenants():
         quota = str(t.images_per_hour) if t.images_per_hour else "-"
-        table.add_row(t.id, t.created_at.isoformat(timespec="seconds"), str(t.active_keys), quota)
+        effective = EffectiveLimits.of(settings, t.limits)
+        limits = [
+            _limit_cell(getattr(t.limits, name), getattr(effective, name)) for name in SETTING_OF
+        ]
+        table.add_row(
+            t.id, t.created_at.isoformat(timespec="seconds"), str(t.active_keys), quota, *limits
+        )
     console.print(table)
+
+
+@tenants_app.command("set-limits")
+def tenants_set_limits(
+    name: Annotated[str, typer.Argument(help="Tenant id.")],
+    max_concurrent_fine_tunes: Annotated[
+        int | None, typer.Option(help="Unfinished (queued or running) fine-tune jobs (429 above).")
+    ] = None,
+    max_queued_jobs: Annotated[
+        int | None, typer.Option(help="Fine-tune jobs waiting to start (429 above).")
+    ] = None,
+    max_stored_bytes: Annotated[
+        int | None, typer.Option(help="Bytes under tenants/<name>/ in the object store (403).")
+    ] = None,
+    render_retention_days: Annotated[
+        float | None, typer.Option(help="Days a render's images are kept.")
+    ] = None,
+    reset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A limit to return to the farm's setting (repeatable), e.g. "
+            "--reset max_stored_bytes; --reset all for every one."
+        ),
+    ] = None,
+) -> None:
+    """Set a tenant's own limits, overriding the farm's settings (*_per_tenant,
+    render_retention_days); the limits not named stay as they are."""
+    overrides: dict[str, float | None] = {}
+    for limit in reset or []:
+        names = list(SETTING_OF) if limit == "all" else [limit]
+        overrides.update(dict.fromkeys(names))
+    given = {
+        "max_concurrent_fine_tunes": max_concurrent_fine_tunes,
+        "max_queued_jobs": max_queued_jobs,
+        "max_stored_bytes": max_stored_bytes,
+        "render_retention_days": render_retention_days,
+    }
+    overrides.update({k: v for k, v in given.items() if v is not None})
+    if not overrides:
+        err.print("[red]error:[/red] name a limit to set (see --help) or --reset one")
+        raise typer.Exit(2)
+    try:
+        tenant = _tenants(_settings()).set_limits(name, **overrides)
+    except TenantError as e:
+        raise _fail(e) from e
+    shown = ", ".join(
+        f"{k}={getattr(tenant.limits, k) if getattr(tenant.limits, k) is not None else 'farm'}"
+        for k in SETTING_OF
+    )
+    console.print(f"limits of [bold]{name}[/bold]: {shown}")
 
 
 @tenants_app.command("revoke-key")
@@ -200,6 +277,26 @@ def tenants_revoke_key(
     except TenantError as e:
         raise _fail(e) from e
     console.print(f"key {key_id} of tenant {tenant} revoked")
+
+
+@renders_app.command("expire")
+def renders_expire(
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be deleted.")] = False,
+) -> None:
+    """Delete renders older than their tenant's retention (render_retention_days or the
+    tenant's override) from the object store; the ingress also does this periodically."""
+    settings = LocalStack(_settings()).resolved_settings()
+    try:
+        report = expire_renders(
+            settings, _tenants(settings), ObjectStore.from_settings(settings), dry_run=dry_run
+        )
+    except StorageError as e:
+        raise _fail(e) from e
+    verb = "would expire" if dry_run else "expired"
+    console.print(
+        f"{verb} {report.renders} renders ({report.objects} objects, {report.bytes} bytes)"
+        + "".join(f"\n  {t}: {n}" for t, n in sorted(report.per_tenant.items()))
+    )
 
 
 @app.command()

@@ -13,7 +13,7 @@ from sqlalchemy import DateTime, ForeignKey, Integer, String, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from registry.db import Base, utcnow
+from registry.sql_base import Base, utcnow
 
 
 class FileRow(Base):

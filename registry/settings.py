@@ -232,6 +232,46 @@ class Settings(BaseSettings):
         180.0, gt=0, description="How long `up` waits for each component to answer."
     )
 
+    # --- tenant limits and retention ----------------------------------------------------------
+    # Farm-wide defaults; `brandfarm tenants set-limits` stores per-tenant overrides in SQL.
+    # Job caps answer 429 (they clear as jobs end); the storage cap answers 403 (a plan limit:
+    # it clears only when the tenant deletes files or renders expire).
+    max_concurrent_fine_tunes_per_tenant: int | None = Field(
+        None,
+        ge=0,
+        description="Unfinished fine-tune jobs (queued or running) one tenant may have; a new "
+        "job above it gets 429. Unset: no cap.",
+    )
+    max_queued_jobs_per_tenant: int | None = Field(
+        None,
+        ge=0,
+        description="Fine-tune jobs one tenant may have waiting to start (queued); a new job "
+        "above it gets 429. Unset: no cap.",
+    )
+    max_stored_bytes_per_tenant: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes one tenant may keep in the object store under tenants/<tenant>/ "
+        "(uploads, checkpoints, renders); uploads, jobs and renders above it get 403. Unset: "
+        "no cap.",
+    )
+    stored_bytes_cache_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="How long the ingress reuses a tenant's stored-bytes total (a listing of "
+        "its prefix) before listing again; its own writes are added in between.",
+    )
+    render_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Renders older than this many days are deleted from the object store (the "
+        "usage row stays, marked expired). Unset: renders are kept forever.",
+    )
+    render_retention_sweep_interval_s: float = Field(
+        3600.0, ge=1, description="How often the ingress deletes expired renders."
+    )
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

@@ -1,4 +1,5 @@
-"""Tenants, their API keys and their render usage, in SQL through SQLAlchemy.
+"""Tenants, their API keys, their limit overrides and their render usage, in SQL through
+SQLAlchemy.
 
 A key is `bf-<key_id>-<secret>`. Only `sha256(salt || secret)` is stored; lookups go by `key_id`
 and the digest is compared in constant time. SQLite by default, any SQLAlchemy URL (Postgres)
@@ -14,12 +15,23 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, func, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    func,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from registry.db import Base, make_engine, utcnow
+from registry.db import make_engine
+from registry.sql_base import Base, utcnow
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _KEY = re.compile(r"^bf-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$")
@@ -31,6 +43,11 @@ class TenantRow(Base):
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     images_per_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Overrides of the farm's tenant limits (registry.settings); NULL: the setting applies.
+    max_concurrent_fine_tunes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    render_retention_days: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ApiKeyRow(Base):
@@ -54,6 +71,25 @@ class RenderRow(Base):
     )
     images: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(255))
+    # When the retention sweep deleted the render's objects; the row stays as usage record.
+    expired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@dataclass(frozen=True)
+class LimitOverrides:
+    """A tenant's own limits; None means the farm's setting of the same name applies."""
+
+    max_concurrent_fine_tunes: int | None = None
+    max_queued_jobs: int | None = None
+    max_stored_bytes: int | None = None
+    render_retention_days: float | None = None
+
+    @classmethod
+    def of(cls, row: TenantRow) -> LimitOverrides:
+        return cls(**{name: getattr(row, name) for name in LIMIT_FIELDS})
+
+
+LIMIT_FIELDS = tuple(LimitOverrides.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,7 @@ class Tenant:
     created_at: dt.datetime
     images_per_hour: int | None
     active_keys: int
+    limits: LimitOverrides = LimitOverrides()
 
 
 @dataclass(frozen=True)
@@ -144,7 +181,32 @@ class TenantDirectory:
             if tenant_id is not None:
                 q = q.where(TenantRow.id == tenant_id)
             rows = s.execute(q.order_by(TenantRow.id)).all()
-            return [Tenant(t.id, t.created_at, t.images_per_hour, int(n)) for t, n in rows]
+            return [
+                Tenant(t.id, t.created_at, t.images_per_hour, int(n), LimitOverrides.of(t))
+                for t, n in rows
+            ]
+
+    def set_limits(self, tenant_id: str, **overrides: float | None) -> Tenant:
+        """Set the named limit overrides (`LimitOverrides` fields); None returns one to the
+        farm's setting. Counts and bytes must be >= 0, retention days > 0."""
+        unknown = set(overrides) - set(LIMIT_FIELDS)
+        if unknown:
+            raise TenantError(f"unknown limits {sorted(unknown)}; known: {list(LIMIT_FIELDS)}")
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name == "render_retention_days":
+                if not value > 0:
+                    raise TenantError(f"{name} must be > 0 days (or unset: keep forever)")
+            elif not (isinstance(value, int) and value >= 0):
+                raise TenantError(f"{name} must be a whole number >= 0, got {value!r}")
+        with Session(self.engine) as s, s.begin():
+            row = s.get(TenantRow, tenant_id)
+            if row is None:
+                raise TenantError(f"no tenant {tenant_id!r}")
+            for name, value in overrides.items():
+                setattr(row, name, value)
+        return self._tenants(tenant_id)[0]
 
     def list_tenants(self) -> list[Tenant]:
         return self._tenants(None)

@@ -25,6 +25,8 @@ from registry.base_models import BaseModelInfo
 from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
+from registry.limits import TenantLimits
+from registry.retention import RetentionSweeper
 from registry.settings import Settings
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -42,6 +44,7 @@ from serve.errors import ServiceUnavailable
 from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
+from serve.limits import LimitGuard
 from serve.placement import replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
 from serve.resolver import AdapterResolver
@@ -240,6 +243,12 @@ class Ingress:
         tenants = TenantDirectory(engine)
         store = ObjectStore.from_settings(settings)
         registry = AdapterRegistry(settings.resolved_mlflow_uri)
+        guard = LimitGuard(TenantLimits(settings, tenants, store))
+        # Expired renders' bytes leave this replica's stored-bytes total at once.
+        self._retention = RetentionSweeper(
+            settings, tenants, store, on_deleted=lambda tenant, n: guard.stored(tenant, -n)
+        )
+        self._retention.start()
         renders = metrics.Counter(
             "brandfarm_renders",
             description="Successful render requests, per tenant.",
@@ -264,16 +273,19 @@ class Ingress:
             max_inflight_per_tenant=settings.max_inflight_per_tenant,
             adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
             on_rendered=on_rendered,
+            tenant_limits=guard,
         )
         files = FileCatalog(engine)
-        jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
+        jobs = JobService(
+            settings, model, JobStore(engine), files, store, JobLauncher(settings), guard
+        )
         self._api = create_api(
             ApiServices(
                 model=model,
                 tenants=tenants,
                 store=store,
                 images=images,
-                files=FileService(files, store, DatasetLimits.from_settings(settings)),
+                files=FileService(files, store, DatasetLimits.from_settings(settings), guard),
                 jobs=jobs,
                 adapters=AdapterService(registry),
                 max_request_bytes=settings.max_request_bytes,

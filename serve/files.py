@@ -10,10 +10,11 @@ import asyncio
 import logging
 
 from finetune.datasets import DatasetLimits, DatasetRejected, validate_dataset_zip
-from registry.db import utcnow
 from registry.files import FileCatalog, FileRecord, new_file_id
+from registry.sql_base import utcnow
 from registry.storage import ObjectStore, StorageError, tenant_prefix
 from serve.errors import APIError, InvalidField, StorageUnavailable
+from serve.limits import LimitGuard
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
@@ -39,10 +40,17 @@ def not_found(file_id: str) -> APIError:
 
 
 class FileService:
-    def __init__(self, catalog: FileCatalog, store: ObjectStore, limits: DatasetLimits) -> None:
+    def __init__(
+        self,
+        catalog: FileCatalog,
+        store: ObjectStore,
+        limits: DatasetLimits,
+        tenant_limits: LimitGuard | None = None,
+    ) -> None:
         self.catalog = catalog
         self.store = store
         self.limits = limits
+        self.tenant_limits = tenant_limits
 
     def _store_verified(self, key: str, data: bytes, sha256: str) -> None:
         self.store.put_bytes(key, data, content_type="application/zip")
@@ -63,6 +71,8 @@ class FileService:
             raise APIError(
                 e.status, f"dataset rejected: {e}", param="file", code="invalid_dataset"
             ) from e
+        if self.tenant_limits is not None:  # the storage cap (403), counting this upload
+            await self.tenant_limits.check_stored_bytes(tenant_id, adding=len(data))
         file_id = new_file_id()
         key = f"{tenant_prefix(tenant_id)}files/{file_id}.zip"
         try:
@@ -86,6 +96,8 @@ class FileService:
         except Exception:
             await asyncio.to_thread(self.store.delete, key)
             raise
+        if self.tenant_limits is not None:
+            self.tenant_limits.stored(tenant_id, len(data))
         return file_object(record)
 
     def list(self, tenant_id: str) -> dict:
@@ -106,4 +118,6 @@ class FileService:
         except StorageError as e:
             raise StorageUnavailable() from e
         self.catalog.remove(tenant_id, file_id)
+        if self.tenant_limits is not None:
+            self.tenant_limits.stored(tenant_id, -record.bytes)
         return {"id": file_id, "object": "file", "deleted": True}

@@ -24,6 +24,7 @@ from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
 from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
+from serve.limits import LimitGuard
 from serve.protocol import (
     AdapterSpec,
     ImageData,
@@ -65,7 +66,9 @@ class ImageService:
         max_inflight_per_tenant: int,
         adapters: AdapterLookup | None = None,
         on_rendered: RenderObserver | None = None,
+        tenant_limits: LimitGuard | None = None,
     ) -> None:
+        self.tenant_limits = tenant_limits
         self.adapters = adapters
         self.on_rendered = on_rendered
         self.limits = limits
@@ -152,6 +155,8 @@ class ImageService:
         job = self.limits.check(req)
         adapter = await self._resolve(tenant_id, req)
         job = dataclasses.replace(job, adapter=adapter)
+        if self.tenant_limits is not None:  # the storage cap (403) before any work
+            await self.tenant_limits.check_stored_bytes(tenant_id)
         async with self._slot(tenant_id, len(job.seeds)):
             images = await self._render(job)
             render_id = secrets.token_hex(12)
@@ -163,6 +168,8 @@ class ImageService:
             await asyncio.to_thread(
                 self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
             )
+            if self.tenant_limits is not None:
+                self.tenant_limits.stored(tenant_id, sum(len(im.png) for im in images))
         if self.on_rendered is not None:
             self.on_rendered(tenant_id, len(images), adapter)
         data = []

@@ -6,6 +6,7 @@ cluster (`finetune.launcher`). Everything is tenant-scoped: another tenant's ids
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 
@@ -19,6 +20,7 @@ from registry.jobs import TERMINAL, JobRecord, JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore, StorageError
 from serve.errors import APIError, InvalidField, StorageUnavailable
+from serve.limits import LimitGuard
 from serve.protocol import MAX_SEED
 
 BRAND = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -87,7 +89,9 @@ class JobService:
         files: FileCatalog,
         store: ObjectStore,
         launcher: JobLauncher,
+        tenant_limits: LimitGuard | None = None,
     ) -> None:
+        self.tenant_limits = tenant_limits
         self.settings = settings
         self.model = model
         self.jobs = jobs
@@ -174,9 +178,15 @@ class JobService:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidField("Idempotency-Key", "Idempotency-Key must be 1..255 characters")
         spec = self._check(tenant_id, req)
-        job, created = self.jobs.create(
-            tenant_id, req.brand, req.training_file, self.model.id, spec, idempotency_key
+        admit = (
+            self.tenant_limits.admit_job(tenant_id, idempotency_key)
+            if self.tenant_limits is not None
+            else contextlib.nullcontext()
         )
+        with admit:  # the job caps (429) and the storage cap (403), then the record
+            job, created = self.jobs.create(
+                tenant_id, req.brand, req.training_file, self.model.id, spec, idempotency_key
+            )
         if created:
             try:
                 self.launcher.submit(
