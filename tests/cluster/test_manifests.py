@@ -250,7 +250,9 @@ def test_kuberay_pods_take_each_credential_from_a_secret_key():
             for pod in pods(doc):
                 for container in pod["spec"]["containers"]:
                     assert all("secretRef" not in e for e in container.get("envFrom", [])), path
-                    env = {e["name"].removeprefix("BRANDFARM_").lower(): e for e in container["env"]}
+                    env = {
+                        e["name"].removeprefix("BRANDFARM_").lower(): e for e in container["env"]
+                    }
                     for name in SECRET_FIELDS & set(env):
                         assert "value" not in env[name], (path.name, name)
                         assert env[name]["valueFrom"]["secretKeyRef"]["name"], (path.name, name)
