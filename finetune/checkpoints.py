@@ -6,18 +6,18 @@ everything else in JSON.
 (`capture_rng`). `encode` splits it into a safetensors file (every tensor, RNG states as uint8
 tensors) and a JSON document (optimizer param_groups and non-tensor state, step, losses, the
 Python and NumPy RNG states); `decode` rebuilds the same dict, bit for bit. Nothing here unpickles.
+torch and NumPy are imported by the functions that need them: the ingress lists checkpoints
+(`TENSORS_SUFFIX`, `META_SUFFIX`) without importing torch.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "brandfarm-checkpoint/1"
 TENSORS_SUFFIX = ".safetensors"
@@ -26,6 +26,9 @@ META_SUFFIX = ".json"
 
 def capture_rng() -> dict[str, Any]:
     """The process-wide RNG states (Python, NumPy, torch CPU) `seed_everything` seeded."""
+    import numpy as np
+    import torch
+
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -34,6 +37,9 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
@@ -46,6 +52,9 @@ def _tensor(value: torch.Tensor) -> torch.Tensor:
 
 def encode(state: dict[str, Any]) -> tuple[bytes, bytes]:
     """(safetensors bytes, JSON bytes) of a `train_lora` checkpoint state."""
+    import torch
+    from safetensors.torch import save as save_tensors
+
     tensors: dict[str, torch.Tensor] = {f"lora/{k}": _tensor(v) for k, v in state["lora"].items()}
     tensors["rng/generator"] = _tensor(state["generator"])
     optimizer = state["optimizer"]
@@ -82,6 +91,9 @@ def encode(state: dict[str, Any]) -> tuple[bytes, bytes]:
 
 def decode(tensor_bytes: bytes, meta_bytes: bytes) -> dict[str, Any]:
     """The state `encode` was given, from its two parts (safetensors and JSON only)."""
+    import numpy as np
+    from safetensors.torch import load as load_tensors
+
     meta = json.loads(meta_bytes)
     if meta.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} checkpoint: format {meta.get('format')!r}")
