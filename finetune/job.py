@@ -30,7 +30,7 @@ from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import TERMINAL, JobRecord, JobStore
 from registry.settings import Settings, load_settings
-from registry.storage import ObjectStore, StorageError, tenant_prefix
+from registry.storage import ObjectNotFound, ObjectStore, StorageError, tenant_prefix
 
 EVENT_EVERY = 5  # steps between progress events in the job log
 log = logging.getLogger("finetune.job")
@@ -175,7 +175,12 @@ class JobReporter:
         record = self.files.get(job.tenant_id, job.training_file)
         if record is None:
             raise TrainingFileError(f"training file {job.training_file} no longer exists")
-        data = self.store.get_bytes(record.object_key)
+        try:
+            data = self.store.get_bytes(record.object_key)
+        except ObjectNotFound as e:
+            raise TrainingFileError(
+                f"training file {record.id} is no longer in storage; upload it again"
+            ) from e
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise TrainingFileError(
                 f"training file {record.id} does not match its recorded sha256; upload it again"
