@@ -353,6 +353,9 @@ class LocalStack:
         s = self.resolved_settings(create=True)
         self.check_external(s)
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
+        # Fine-tune jobs read the farm's credentials from this 0600 file on the node, never
+        # from their Ray job's runtime env (which Ray shows on its dashboard).
+        s.write_secrets_file()
         for component in self._components(s):
             self.progress(f"starting {component.spec.name}{_where(component.spec)}")
             started = self._start(component, s)

@@ -3,30 +3,41 @@
 `python -m finetune.job JOB_ID` is the supervisor: it runs the training in a child process
 (`--worker`) and, if that process dies, starts another that resumes from the last checkpoint,
 up to `fine_tune_max_attempts`. The worker reads the job record, fetches and verifies the dataset,
-trains the LoRA with checkpoints to the object store, logs the run to MLflow (one experiment per
-tenant), and registers the adapter only once everything else succeeded.
+trains the LoRA with checkpoints to the object store (safetensors + JSON, the newest
+`fine_tune_checkpoints_keep` kept), logs the run to MLflow (one experiment per tenant), and
+registers the adapter only once everything else succeeded. A job that ends, however it ends,
+deletes its checkpoints: only the registered adapter stays. A failure reaches the tenant as a
+short message and a code (`describe_failure`); its detail goes to the log and the MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
-import io
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
+from finetune import checkpoints
 from finetune.datasets import read_dataset_zip
 from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import TERMINAL, JobRecord, JobStore
 from registry.settings import Settings, load_settings
-from registry.storage import ObjectStore, StorageError, tenant_prefix
+from registry.storage import ObjectNotFound, ObjectStore, StorageError, tenant_prefix
 
 EVENT_EVERY = 5  # steps between progress events in the job log
+log = logging.getLogger("finetune.job")
+
+
+class TrainingFileError(RuntimeError):
+    """The job's dataset is gone or no longer matches its checksum (the message is for tenants)."""
 
 
 def experiment_name(tenant_id: str) -> str:
@@ -38,13 +49,61 @@ def checkpoint_prefix(job: JobRecord) -> str:
 
 
 def checkpoint_steps(store: ObjectStore, job: JobRecord) -> list[tuple[int, str]]:
-    """(step, key) of every stored checkpoint, oldest first."""
+    """(step, key stem) of every complete checkpoint, oldest first. A checkpoint is complete
+    once its JSON part exists (written after its tensors); `<stem>.safetensors` and
+    `<stem>.json` are its objects."""
     out = []
     for obj in store.list(checkpoint_prefix(job)):
         name = obj.key.rsplit("/", 1)[-1]
-        if name.startswith("step-") and name.endswith(".pt"):
-            out.append((int(name[5:-3]), obj.key))
+        if name.startswith("step-") and name.endswith(checkpoints.META_SUFFIX):
+            stem = obj.key.removesuffix(checkpoints.META_SUFFIX)
+            out.append((int(name[5 : -len(checkpoints.META_SUFFIX)]), stem))
     return sorted(out)
+
+
+def discard_job_objects(store: ObjectStore, job: JobRecord) -> int:
+    """Delete what a job kept while it ran (checkpoints, the data-parallel adapter hand-off);
+    the registered adapter lives in the registry. Returns how many objects went."""
+    prefix = f"{tenant_prefix(job.tenant_id)}jobs/{job.id}/"
+    objects = store.list(prefix)
+    for obj in objects:
+        store.delete(obj.key)
+    return len(objects)
+
+
+FAILURE_MESSAGES = {
+    "storage_unavailable": "the object store could not be reached; create the job again",
+    "registry_unavailable": "the adapter registry could not be reached; create the job again",
+    "training_failed": "training failed with an internal error; the operators have the details",
+}
+
+
+def describe_failure(e: BaseException) -> tuple[str, str]:
+    """(code, message) a tenant may see for a failed job: plain words, no internal endpoint,
+    path or exception class. The full exception goes to the log and the MLflow run instead."""
+    import mlflow.exceptions
+
+    if isinstance(e, TrainingFileError):
+        return "invalid_training_file", str(e)
+    if isinstance(e, StorageError):
+        return "storage_unavailable", FAILURE_MESSAGES["storage_unavailable"]
+    if isinstance(e, mlflow.exceptions.MlflowException | ConnectionError | TimeoutError):
+        return "registry_unavailable", FAILURE_MESSAGES["registry_unavailable"]
+    return "training_failed", FAILURE_MESSAGES["training_failed"]
+
+
+def record_failure(run_id: str | None, job_id: str, e: BaseException) -> None:
+    """The whole story of a failure, for operators: the job's log and its MLflow run."""
+    detail = "".join(traceback.format_exception(e))
+    log.error("job %s failed:\n%s", job_id, detail)
+    if run_id is None:
+        return
+    import mlflow
+
+    with contextlib.suppress(Exception):  # MLflow may be what failed
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "error_detail", f"{type(e).__name__}: {e}"[:4000])
+        client.log_text(run_id, detail, "error/traceback.txt")
 
 
 # --- supervisor ------------------------------------------------------------------------------
@@ -68,7 +127,10 @@ def supervise(settings: Settings, job_id: str) -> int:
         job_id,
         "failed",
         error=f"the training process died {settings.fine_tune_max_attempts} times; see events",
+        error_code="training_process_died",
     )
+    with contextlib.suppress(Exception):
+        discard_job_objects(ObjectStore.from_settings(settings), jobs.get_any(job_id))
     return 1
 
 
@@ -112,31 +174,46 @@ class JobReporter:
         job = self.job
         record = self.files.get(job.tenant_id, job.training_file)
         if record is None:
-            raise RuntimeError(f"training file {job.training_file} no longer exists")
-        data = self.store.get_bytes(record.object_key)
+            raise TrainingFileError(f"training file {job.training_file} no longer exists")
+        try:
+            data = self.store.get_bytes(record.object_key)
+        except ObjectNotFound as e:
+            raise TrainingFileError(
+                f"training file {record.id} is no longer in storage; upload it again"
+            ) from e
         if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise RuntimeError(f"training file {record.id} does not match its recorded sha256")
+            raise TrainingFileError(
+                f"training file {record.id} does not match its recorded sha256; upload it again"
+            )
         return read_dataset_zip(data)
 
     def latest_checkpoint(self, announce: bool = True) -> dict | None:
-        import torch
-
+        """The newest complete checkpoint, read as safetensors and JSON (nothing unpickled)."""
         steps = checkpoint_steps(self.store, self.job)
         if not steps:
             return None
-        step, key = steps[-1]
-        state = torch.load(io.BytesIO(self.store.get_bytes(key)), weights_only=False)
+        step, stem = steps[-1]
+        state = checkpoints.decode(
+            self.store.get_bytes(stem + checkpoints.TENSORS_SUFFIX),
+            self.store.get_bytes(stem + checkpoints.META_SUFFIX),
+        )
         if announce:
             self.event(f"resuming from the checkpoint at step {step}", step=step)
         return state
 
     def save_checkpoint(self, step: int, state: dict) -> None:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.store.put_bytes(f"{checkpoint_prefix(self.job)}step-{step:06d}.pt", buf.getvalue())
+        """Store the checkpoint (tensors first, the JSON that completes it last), then delete
+        all but the newest `fine_tune_checkpoints_keep`."""
+        tensors, meta = checkpoints.encode(state)
+        stem = f"{checkpoint_prefix(self.job)}step-{step:06d}"
+        self.store.put_bytes(stem + checkpoints.TENSORS_SUFFIX, tensors)
+        self.store.put_bytes(stem + checkpoints.META_SUFFIX, meta)
         self.event(f"checkpoint saved at step {step}", step=step)
+        keep = self.settings.fine_tune_checkpoints_keep
+        for _, old in checkpoint_steps(self.store, self.job)[:-keep]:
+            # The JSON first: a half-deleted checkpoint is never taken for a complete one.
+            self.store.delete(old + checkpoints.META_SUFFIX)
+            self.store.delete(old + checkpoints.TENSORS_SUFFIX)
 
     def progress(self, step: int, total: int, loss: float) -> None:
         import mlflow
@@ -148,7 +225,10 @@ class JobReporter:
             self.event(f"step {step}/{total}", step=step, loss=loss)
 
     def should_stop(self) -> bool:
-        return self.jobs.cancel_requested(self.job.id)
+        """Cancelled, or ended by someone else (the reconciler failed a job whose Ray job it
+        found gone): either way this process must not go on training."""
+        job = self.jobs.get_any(self.job.id)
+        return job.cancel_requested or job.status in TERMINAL
 
     def adapter_prefix(self) -> str:
         return f"{tenant_prefix(self.job.tenant_id)}jobs/{self.job.id}/adapter/"
@@ -210,14 +290,26 @@ class Worker:
         except TrainingStopped:
             mlflow.end_run("KILLED")
             self.jobs.finish(job.id, "cancelled")
+            self._discard(job)
             return 0
         except Exception as e:  # noqa: BLE001 - any failure ends the job with its reason
-            mlflow.end_run("FAILED")
-            self.jobs.finish(job.id, "failed", error=f"{type(e).__name__}: {e}")
+            record_failure(run.info.run_id, job.id, e)
+            code, message = describe_failure(e)
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+            self.jobs.finish(job.id, "failed", error=message, error_code=code)
+            self._discard(job)
             return 0
         mlflow.end_run("FINISHED")
         self.jobs.finish(job.id, "succeeded", adapter_version=version)
+        self._discard(job)
         return 0
+
+    def _discard(self, job: JobRecord) -> None:
+        try:
+            discard_job_objects(ObjectStore.from_settings(self.settings), job)
+        except StorageError as e:  # the job's outcome stands; the leftovers are only bytes
+            log.warning("job %s: could not delete its checkpoints: %s", job.id, e)
 
     def _train_and_register(self, job: JobRecord, run_id: str) -> int:
         import mlflow

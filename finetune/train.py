@@ -28,11 +28,13 @@ from finetune.base_model import (
     seed_everything,
     tokenize,
 )
+from finetune.checkpoints import capture_rng, restore_rng
 
 #: Called as ``progress(step, total_steps, loss)`` after every optimizer step.
 Progress = Callable[[int, int, float], None]
 #: Called as ``on_checkpoint(step, state)`` every ``checkpoint_every`` steps; ``state`` is what
-#: ``resume=`` takes back (LoRA weights, optimizer, RNG, step, losses), ready for ``torch.save``.
+#: ``resume=`` takes back (LoRA weights, optimizer, RNG, step, losses), ready for
+#: ``finetune.checkpoints.encode`` (safetensors + JSON).
 OnCheckpoint = Callable[[int, dict], None]
 
 
@@ -176,6 +178,8 @@ def train_lora(
         generator.set_state(resume["generator"])
         losses = list(resume["losses"])
         first_step = int(resume["step"])
+        if "rng" in resume:
+            restore_rng(resume["rng"])
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
     for step in range(first_step, steps):
@@ -214,6 +218,7 @@ def train_lora(
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
                     "losses": list(losses),
+                    "rng": capture_rng(),
                 },
             )
     unet = accelerator.unwrap_model(unet)

@@ -1,7 +1,11 @@
 """Fine-tune job records and their event log, in SQL, scoped by tenant.
 
 Status moves queued → running → succeeded | failed | cancelled and never leaves a terminal
-state. Creation with the same (tenant, Idempotency-Key) returns the job created first.
+state. Every status change is a compare-and-set (`UPDATE ... WHERE status IN (...)`, then the
+row count), so of two racing changes exactly one wins, and only the winner writes its event.
+Creation with the same (tenant, Idempotency-Key) returns the job created first. A new record is
+an outbox entry (`submitted` false) until its Ray job is submitted; the reconciler
+(`serve.reconciler`) submits any that a crash left behind.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     select,
+    true,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +37,7 @@ from registry.sql_base import Base, utcnow
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+UNFINISHED = ("queued", "running")
 
 
 class JobRow(Base):
@@ -52,6 +59,10 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_pid: Mapped[int | None] = mapped_column(Integer)
+    # Outbox: False from the record's creation until its Ray job is submitted. Rows older than
+    # the column were submitted when created (migration 0003_job_reconcile).
+    submitted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=true())
+    error_code: Mapped[str | None] = mapped_column(String(40))  # why `failed`, for tenants
 
 
 class JobEventRow(Base):
@@ -82,6 +93,8 @@ class JobRecord:
     attempts: int
     cancel_requested: bool
     worker_pid: int | None
+    submitted: bool = True
+    error_code: str | None = None
 
     @classmethod
     def of(cls, r: JobRow) -> JobRecord:
@@ -101,6 +114,8 @@ class JobRecord:
             r.attempts,
             r.cancel_requested,
             r.worker_pid,
+            r.submitted,
+            r.error_code,
         )
 
 
@@ -145,6 +160,7 @@ class JobStore:
                         spec=json.dumps(spec),
                         status="queued",
                         idempotency_key=idempotency_key,
+                        submitted=False,
                     )
                 )
                 s.flush()  # the event row references the job row: insert the job first
@@ -215,17 +231,36 @@ class JobStore:
             )
             return [JobEvent(r.id, r.created_at, r.level, r.message, r.step, r.loss) for r in rows]
 
+    def mark_submitted(self, job_id: str) -> None:
+        """The job's Ray job exists: take the record out of the outbox."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(submitted=True))
+
+    def unfinished(self) -> list[JobRecord]:
+        """Every queued or running job, oldest first (the reconciler's worklist)."""
+        with Session(self.engine) as s:
+            rows = s.scalars(
+                select(JobRow).where(JobRow.status.in_(UNFINISHED)).order_by(JobRow.created_at)
+            )
+            return [JobRecord.of(r) for r in rows]
+
     def mark_running(self, job_id: str, worker_pid: int) -> JobRecord | None:
         """Start (or restart) an attempt; None if the job is already terminal."""
         with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
-            if row is None or row.status in TERMINAL:
+            won = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(UNFINISHED))
+                .values(
+                    status="running",
+                    started_at=func.coalesce(JobRow.started_at, utcnow()),
+                    attempts=JobRow.attempts + 1,
+                    worker_pid=worker_pid,
+                    submitted=True,  # a process of the job runs: it was submitted
+                )
+            )
+            if won.rowcount != 1:
                 return None
-            row.status = "running"
-            row.started_at = row.started_at or utcnow()
-            row.attempts += 1
-            row.worker_pid = worker_pid
-            return JobRecord.of(row)
+            return JobRecord.of(s.get(JobRow, job_id, populate_existing=True))
 
     def finish(
         self,
@@ -233,16 +268,30 @@ class JobStore:
         status: str,
         adapter_version: int | None = None,
         error: str | None = None,
+        error_code: str | None = None,
     ) -> bool:
-        """Move to a terminal status; False if it already was terminal (nothing changes)."""
+        """Move to a terminal status, if and only if the job is not terminal yet (one atomic
+        compare-and-set); False if another change got there first (nothing changes then).
+        `error` is shown to the tenant: a short plain message, never raw exception text."""
         if status not in TERMINAL:
             raise ValueError(f"{status!r} is not a terminal status")
+        if status == "failed" and error_code is None:
+            error_code = "training_failed"
         with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
-            if row is None or row.status in TERMINAL:
+            won = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(UNFINISHED))
+                .values(
+                    status=status,
+                    finished_at=utcnow(),
+                    adapter_version=adapter_version,
+                    error=error,
+                    error_code=error_code if status == "failed" else None,
+                    worker_pid=None,
+                )
+            )
+            if won.rowcount != 1:
                 return False
-            row.status, row.finished_at = status, utcnow()
-            row.adapter_version, row.error, row.worker_pid = adapter_version, error, None
             s.add(
                 JobEventRow(
                     job_id=job_id,
@@ -253,13 +302,24 @@ class JobStore:
             return True
 
     def request_cancel(self, tenant_id: str, job_id: str) -> JobRecord | None:
+        """Flag the job for cancellation if it is still unfinished (compare-and-set); the job as
+        it now is, or None if the tenant has no such job."""
         with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
+            won = s.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.tenant_id == tenant_id,
+                    JobRow.status.in_(UNFINISHED),
+                    JobRow.cancel_requested.is_(False),
+                )
+                .values(cancel_requested=True)
+            )
+            if won.rowcount == 1:
+                s.add(JobEventRow(job_id=job_id, message="cancellation requested"))
+            row = s.get(JobRow, job_id, populate_existing=True)
             if row is None or row.tenant_id != tenant_id:
                 return None
-            if row.status not in TERMINAL and not row.cancel_requested:
-                row.cancel_requested = True
-                s.add(JobEventRow(job_id=job_id, message="cancellation requested"))
             return JobRecord.of(row)
 
     def count(self) -> int:

@@ -1,14 +1,18 @@
-"""The one settings model: every knob of the farm, read from `BRANDFARM_*` env and a config file.
+"""The one settings model: every knob of the farm, read from `BRANDFARM_*` env, a 0600 secrets file
+and a config file.
 
-No other module reads the environment. Components receive a `Settings` object (pickled to Ray
-actors as-is), never a bare env lookup.
+No other module reads the environment or the secrets file. Components receive a `Settings` object
+(pickled to Ray actors as-is), never a bare env lookup. `SECRET_FIELDS` names the settings that
+hold credentials: they never travel in a Ray job's submission (see `public_env`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -20,6 +24,24 @@ from pydantic_settings import (
 )
 
 CONFIG_FILE_ENV = "BRANDFARM_CONFIG_FILE"
+SECRETS_FILE_ENV = "BRANDFARM_SECRETS_FILE"
+
+#: The settings that hold credentials (keys, and URLs that may carry a password). They are never
+#: put in a Ray job's runtime env, entrypoint or metadata, nor in a Serve config's `args`: a
+#: process on the cluster reads them from its node's environment (KubeRay: `secretKeyRef`) or
+#: from the 0600 secrets file that `brandfarm up` writes (`secrets_file`).
+SECRET_FIELDS = frozenset(
+    {
+        "s3_access_key",
+        "s3_secret_key",
+        "api_key",
+        "database_url",
+        "mlflow_tracking_uri",
+        "mlflow_backend_uri",
+    }
+)
+#: Secrets no process on the cluster needs: the CLI's own tenant key stays off the secrets file.
+CLIENT_ONLY_SECRETS = frozenset({"api_key"})
 
 
 def _port(default: int, doc: str) -> int:
@@ -228,6 +250,20 @@ class Settings(BaseSettings):
     fine_tune_num_gpus: float | None = Field(
         None, ge=0, description="GPUs a job reserves; unset: 1 when the cluster has GPUs, else 0."
     )
+    fine_tune_checkpoints_keep: int = Field(
+        2, ge=1, le=100, description="Newest checkpoints a running job keeps (older are deleted)."
+    )
+    job_reconcile_interval_s: float = Field(
+        15.0, gt=0, le=3600, description="Seconds between the ingress's job-vs-Ray-job checks."
+    )
+    ray_request_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Timeout of one call to Ray's job API (submit, list, stop)."
+    )
+    secrets_file: Path | None = Field(
+        None,
+        description="0600 JSON file of the secret settings that Ray jobs read "
+        "(default: <state_dir>/secrets.json, written by `up`).",
+    )
     startup_timeout_s: float = Field(
         180.0, gt=0, description="How long `up` waits for each component to answer."
     )
@@ -349,7 +385,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            SecretsFileSource(settings_cls, init_settings),
+        ]
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             path = Path(config_file)
@@ -360,8 +400,8 @@ class Settings(BaseSettings):
 
     # --- derived locations (pure functions of the fields above) ------------------------------
     def to_env(self) -> dict[str, str]:
-        """These settings as `BRANDFARM_*` variables (secrets included), for a process started
-        elsewhere on the cluster (a Ray job) that must run with exactly this farm's settings."""
+        """These settings as `BRANDFARM_*` variables, secrets included: for a child process
+        this machine starts itself (the CLI, tests). Never for Ray: see `public_env`."""
         env = {}
         for name, value in self.model_dump().items():
             if value is None:
@@ -370,6 +410,44 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             env[f"BRANDFARM_{name.upper()}"] = str(value)
         return env
+
+    def public_env(self) -> dict[str, str]:
+        """`to_env()` without `SECRET_FIELDS`, plus where the secrets file is when it exists: what
+        a Ray job's runtime env may carry (Ray shows it on its dashboard and in `ray job list`)."""
+        env = {
+            k: v
+            for k, v in self.to_env().items()
+            if k.removeprefix("BRANDFARM_").lower() not in SECRET_FIELDS
+        }
+        if self.resolved_secrets_file.is_file():
+            env[SECRETS_FILE_ENV] = str(self.resolved_secrets_file)
+        return env
+
+    def secret_values(self) -> dict[str, str]:
+        """The set `SECRET_FIELDS`, as plain strings (what must never show up in Ray)."""
+        out = {}
+        for name in sorted(SECRET_FIELDS):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return out
+
+    def write_secrets_file(self) -> Path:
+        """Write the secrets the cluster's processes need to `resolved_secrets_file`, mode 0600
+        from the first byte (replaced atomically), and return its path."""
+        path = self.resolved_secrets_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = {k: v for k, v in self.secret_values().items() if k not in CLIENT_ONLY_SECRETS}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(values, f)
+        os.replace(tmp, path)
+        return path
+
+    @property
+    def resolved_secrets_file(self) -> Path:
+        return (self.secrets_file or self.state_path / "secrets.json").expanduser().resolve()
 
     @property
     def state_path(self) -> Path:
@@ -403,6 +481,42 @@ class Settings(BaseSettings):
             address = self.ray_address if "://" in self.ray_address else f"//{self.ray_address}"
             host = urlsplit(address).hostname or host
         return f"http://{host}:{self.ray_dashboard_port}"
+
+
+class SecretsFileSource(PydanticBaseSettingsSource):
+    """The secret settings from the 0600 JSON file named by `secrets_file` (a keyword argument)
+    or `BRANDFARM_SECRETS_FILE`; below env, above the config file. A missing file gives nothing
+    (on a node whose environment holds the secrets); a file others can read is refused."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource
+    ) -> None:
+        super().__init__(settings_cls)
+        self._init = init_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        named = self._init().get("secrets_file") or os.environ.get(SECRETS_FILE_ENV)
+        if not named:
+            return {}
+        path = Path(named).expanduser()
+        if not path.is_file():
+            return {}
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise PermissionError(
+                f"secrets file {path} has mode {mode:o}; it holds credentials: chmod 600 it"
+            )
+        values = json.loads(path.read_text())
+        unknown = set(values) - SECRET_FIELDS
+        if unknown:
+            raise ValueError(
+                f"secrets file {path} holds {sorted(unknown)}, which are not secret settings "
+                f"({sorted(SECRET_FIELDS)}); put other settings in env or the config file"
+            )
+        return values
 
 
 def load_settings(**overrides: object) -> Settings:

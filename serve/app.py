@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from finetune.datasets import DatasetLimits
+from finetune.job import discard_job_objects
 from finetune.launcher import JobLauncher
 from registry.adapters import AdapterRegistry
 from registry.base_models import BaseModelInfo
@@ -47,6 +48,7 @@ from serve.jobs import JobService
 from serve.limits import LimitGuard
 from serve.placement import replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
+from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
 
 APP_NAME = "brandfarm"
@@ -276,9 +278,15 @@ class Ingress:
             tenant_limits=guard,
         )
         files = FileCatalog(engine)
-        jobs = JobService(
-            settings, model, JobStore(engine), files, store, JobLauncher(settings), guard
-        )
+        launcher = JobLauncher(settings)
+        jobs = JobService(settings, model, JobStore(engine), files, store, launcher, guard)
+        # Job records follow their Ray jobs (and the outbox gets submitted) from here on.
+        self._stop_reconciler = JobReconciler(
+            JobStore(engine),
+            launcher,
+            settings.job_reconcile_interval_s,
+            on_ended=lambda job: discard_job_objects(store, job),
+        ).start()
         self._api = create_api(
             ApiServices(
                 model=model,

@@ -1,7 +1,8 @@
 """Fine-tuning jobs over HTTP, shaped like OpenAI's: create, list, get, events, checkpoints, cancel.
 
-Creation checks every field against its limit, records the job, then submits it to the Ray
-cluster (`finetune.launcher`). Everything is tenant-scoped: another tenant's ids are 404.
+Creation checks every field against its limit, records the job (an outbox entry), then submits
+it to the Ray cluster (`finetune.launcher`); if the ingress dies in between, the reconciler
+(`serve.reconciler`) submits it. Everything is tenant-scoped: another tenant's ids are 404.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import secrets
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.job import checkpoint_steps
+from finetune.job import checkpoint_steps, discard_job_objects
 from finetune.launcher import JobLauncher, LaunchError
 from registry.base_models import BaseModelInfo
 from registry.files import FileCatalog
@@ -74,7 +75,7 @@ def job_object(job: JobRecord) -> dict:
         "adapter_version": job.adapter_version,
         "fine_tuned_model": f"{job.brand}:{job.adapter_version}" if job.adapter_version else None,
         "attempts": job.attempts,
-        "error": {"message": job.error, "code": "training_failed", "param": None}
+        "error": {"message": job.error, "code": job.error_code or "training_failed", "param": None}
         if job.error
         else None,
     }
@@ -192,9 +193,10 @@ class JobService:
                 self.launcher.submit(
                     job.id, tenant_id, data_parallel=req.hyperparameters.workers > 1
                 )
-            except LaunchError as e:
-                self.jobs.finish(job.id, "failed", error=str(e))
+            except LaunchError as e:  # its message is plain; the cause was logged
+                self.jobs.finish(job.id, "failed", error=str(e), error_code="cluster_unavailable")
                 raise APIError(503, f"{e}; retry shortly", code="cluster_unavailable") from e
+            self.jobs.mark_submitted(job.id)
         return job_object(self.jobs.get_any(job.id))
 
     def _job(self, tenant_id: str, job_id: str) -> JobRecord:
@@ -267,5 +269,8 @@ class JobService:
         self.jobs.request_cancel(tenant_id, job_id)
         if job.status == "queued":  # no training process yet: stop the Ray job and end it here
             self.launcher.stop(job_id)
-            self.jobs.finish(job_id, "cancelled")
+            # Nothing was trained yet; leftovers would only be bytes.
+            if self.jobs.finish(job_id, "cancelled"):
+                with contextlib.suppress(StorageError):
+                    discard_job_objects(self.store, job)
         return job_object(self.jobs.get_any(job_id))

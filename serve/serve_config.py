@@ -10,27 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import SecretStr
-
-from registry.settings import Settings
+from registry.settings import SECRET_FIELDS, Settings
 from serve.placement import replica_deployment_options
 
 APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
 IMPORT_PATH = "serve.builder:app"
 INGRESS = "Ingress"
 REPLICA = "DiffusionReplica"
-# Not secrets by type, but a Postgres URL carries its password: these come from env only.
-ENV_ONLY_FIELDS = frozenset({"database_url", "mlflow_backend_uri"})
 
 
 def secret_fields() -> frozenset[str]:
-    """Settings fields left out of a config file: `SecretStr` fields and `ENV_ONLY_FIELDS`."""
-    typed = {
-        name
-        for name, field in Settings.model_fields.items()
-        if SecretStr in getattr(field.annotation, "__args__", (field.annotation,))
-    }
-    return frozenset(typed | ENV_ONLY_FIELDS)
+    """Settings fields left out of a config file: `registry.settings.SECRET_FIELDS`."""
+    return SECRET_FIELDS
 
 
 def settings_args(settings: Settings) -> dict[str, Any]:

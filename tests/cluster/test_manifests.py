@@ -233,3 +233,29 @@ def test_kubernetes_schemas_when_a_validator_is_installed():
                 kv.validate(doc, version, strict=True)
                 checked += 1
     assert checked >= 5
+
+
+def test_kuberay_pods_take_each_credential_from_a_secret_key():
+    """Credentials reach Ray's pods only as `secretKeyRef` env (a fine-tune job reads them from
+    its node's env, never from its runtime env); no pod names a secret setting by value or pulls
+    a whole Secret in with `envFrom`."""
+    from registry.settings import SECRET_FIELDS
+
+    needed = {"s3_access_key", "s3_secret_key", "database_url", "mlflow_tracking_uri"}
+    checked = 0
+    for path in INFRA.glob("kuberay/*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc["apiVersion"].startswith("ray.io/"):
+                continue
+            for pod in pods(doc):
+                for container in pod["spec"]["containers"]:
+                    assert all("secretRef" not in e for e in container.get("envFrom", [])), path
+                    env = {
+                        e["name"].removeprefix("BRANDFARM_").lower(): e for e in container["env"]
+                    }
+                    for name in SECRET_FIELDS & set(env):
+                        assert "value" not in env[name], (path.name, name)
+                        assert env[name]["valueFrom"]["secretKeyRef"]["name"], (path.name, name)
+                    assert needed <= set(env), (path.name, needed - set(env))
+                    checked += 1
+    assert checked >= 4

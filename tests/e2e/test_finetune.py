@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import mlflow
+import psutil
 import pytest
 from ray.job_submission import JobSubmissionClient
+from ray.util.state import get_log, list_logs, list_nodes
 from typer.testing import CliRunner
 
 from cluster.cli import app as cli_app
@@ -90,13 +97,17 @@ def test_job_trains_logs_and_registers(farm, tenant, tmp_path):
     assert job["adapter_version"] == 1 and job["fine_tuned_model"] == "acme:1"
     steps = [e["data"]["step"] for e in events if e["message"].startswith("step ")]
     assert steps[-1] == 8 and all(e["data"]["loss"] > 0 for e in events if e["data"]["loss"])
+    saved = [e["data"]["step"] for e in events if e["message"].startswith("checkpoint saved")]
+    assert saved == [4, 8]
+    # The job ended: its checkpoints are gone, only the registered adapter stays.
     with farm.http(key) as c:
         ckpts = c.get(f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-    assert [c["step_number"] for c in ckpts] == [8, 4]
+    assert ckpts == [] and farm.store.list(f"tenants/tune-co/jobs/{job['id']}/") == []
 
-    # It ran as a Ray job.
+    # It ran as a Ray job, and nothing Ray keeps or shows about it holds a secret.
     ray_jobs = JobSubmissionClient(farm.settings.ray_dashboard_url).list_jobs()
     assert any(j.submission_id == job["id"] for j in ray_jobs)
+    _assert_no_secret_in_ray(farm, job["id"])
 
     # MLflow: one experiment per tenant, one run per job, the loss curve, validation images.
     client = mlflow.MlflowClient(farm.settings.resolved_mlflow_uri)
@@ -126,6 +137,49 @@ def test_job_trains_logs_and_registers(farm, tenant, tmp_path):
     assert version.tags["trigger_word"] == TRIGGER and "staging" in version.aliases
     registry = AdapterRegistry(farm.settings.resolved_mlflow_uri)
     assert registry.download(version, tmp_path).stat().st_size > 0
+
+
+def _assert_no_secret_in_ray(farm, job_id):
+    secrets = farm.settings.secret_values()
+    assert {"s3_access_key", "s3_secret_key", "api_key"} <= set(secrets)
+    dashboard = farm.settings.ray_dashboard_url
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_ADDRESS": dashboard}
+    views = {
+        "GET /api/jobs/": httpx.get(f"{dashboard}/api/jobs/", timeout=30).json(),
+        "ray list jobs --format json": json.loads(
+            subprocess.run(
+                [ray_bin, "list", "jobs", "--detail", "--format", "json", "--limit", "1000"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+            ).stdout
+        ),
+        "ray job list": subprocess.run(
+            [ray_bin, "job", "list"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout,
+        "job logs": JobSubmissionClient(dashboard).get_job_logs(job_id),
+    }
+    # Ray's own logs of setting up runtime envs (the probe found the key there before).
+    [head] = [n for n in list_nodes(address=dashboard) if n.is_head_node]
+    logs = list_logs(address=dashboard, node_id=head.node_id)
+    agent_logs = [f for files in logs.values() for f in files if "runtime_env" in f]
+    assert agent_logs, logs
+    for name in agent_logs:
+        views[name] = "".join(get_log(address=dashboard, node_id=head.node_id, filename=name))
+    for where, view in views.items():
+        text = view if isinstance(view, str) else json.dumps(view)
+        if where != "job logs" and not where.startswith("runtime_env"):
+            assert job_id in text, where  # the view does show the job
+        leaked = [name for name, value in secrets.items() if value in text]
+        assert leaked == [], f"{leaked} in {where}"
 
 
 def test_killed_training_process_resumes_from_checkpoint(farm, tenant):
@@ -185,7 +239,73 @@ def test_failed_job_registers_nothing(farm, tenant):
     job = _create(farm, key, up["id"], 4, brand="acme-fail")
     job, _ = _wait(farm, key, job["id"], _done)
     assert job["status"] == "failed" and "sha256" in job["error"]["message"]
+    assert job["error"]["code"] == "invalid_training_file"
     assert _job_versions(farm, "tune-co", "acme-fail", job["id"]) == []
+
+
+def test_a_failure_shows_tenants_no_internals_and_operators_everything(farm, tenant):
+    key, _ = tenant
+    data = write_brand_zip(farm.settings.state_dir / "gone.zip", "acme", n=4, seed=11)
+    with farm.http(key) as c:
+        up = c.post(
+            "/files", files={"file": ("g.zip", data.read_bytes())}, data={"purpose": "fine-tune"}
+        ).json()
+    record = farm.files.get("tune-co", up["id"])
+    farm.store.delete(record.object_key)  # the store lost the dataset: the SDK raises NoSuchKey
+    job = _create(farm, key, up["id"], 4, brand="acme-gone")
+    job, events = _wait(farm, key, job["id"], _done)
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_training_file"
+    assert "upload it again" in job["error"]["message"]
+    internals = [
+        record.object_key,
+        "tenants/",
+        "NoSuchKey",
+        "ObjectNotFound",
+        "TrainingFileError",
+        "Traceback",
+        farm.settings.host,
+        str(farm.settings.s3_port),
+        str(farm.settings.state_dir),
+        "http://",
+    ]
+    tenant_view = json.dumps([job, events])
+    assert [x for x in internals if x in tenant_view] == []
+    # Operators: the MLflow run holds the exception and its traceback.
+    client = mlflow.MlflowClient(farm.settings.resolved_mlflow_uri)
+    exp = client.get_experiment_by_name(experiment_name("tune-co"))
+    [run] = client.search_runs([exp.experiment_id], f"tags.job_id = '{job['id']}'")
+    assert "TrainingFileError" in run.data.tags["error_detail"]
+    traceback = client.download_artifacts(run.info.run_id, "error/traceback.txt")
+    assert "NoSuchKey" in Path(traceback).read_text()
+
+
+def test_reconciler_fails_jobs_whose_supervisor_or_ray_job_died(farm, tenant):
+    key, file_id = tenant
+    killed = _create(farm, key, file_id, 5000, brand="acme-lost")
+    stopped = _create(farm, key, file_id, 5000, brand="acme-stopped")
+    for job in (killed, stopped):
+        _wait(farm, key, job["id"], lambda j, ev: any(e["message"].startswith("step ") for e in ev))
+    worker = psutil.Process(farm.jobs.get_any(killed["id"]).worker_pid)
+    supervisor = worker.parent()
+    assert (
+        "finetune.job" in " ".join(supervisor.cmdline()) and "--worker" not in supervisor.cmdline()
+    )
+    supervisor.kill()  # its node's process dies: nobody is left to record the outcome
+    JobSubmissionClient(farm.settings.ray_dashboard_url).stop_job(stopped["id"])  # `ray job stop`
+
+    for job, ray_status in ((killed, "FAILED"), (stopped, "STOPPED")):
+        job, events = _wait(farm, key, job["id"], _done, timeout=120)
+        assert job["status"] == "failed", events[-3:]
+        assert job["error"]["code"] == "cluster_job_lost", job
+        status = JobSubmissionClient(farm.settings.ray_dashboard_url).get_job_status(job["id"])
+        assert str(status.value) == ray_status
+        assert _job_versions(farm, "tune-co", job["brand"], job["id"]) == []
+    # The orphaned training process sees its job ended and stops; nothing of the job is left.
+    worker.wait(timeout=120)
+    deadline = time.monotonic() + 60
+    while farm.store.list(f"tenants/tune-co/jobs/{killed['id']}/") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert farm.store.list(f"tenants/tune-co/jobs/{killed['id']}/") == []
 
 
 @pytest.mark.parametrize(
