@@ -165,6 +165,23 @@ class ManagedProcess:
             f"log {self.logfile}:\n{log_tail(self.logfile)}"
         )
 
+    def kill(self) -> bool:
+        """SIGKILL the recorded process group at once, as a crash would (no grace, nothing
+        flushed); the PID file stays, naming a dead process, so the next `start` (or `up`)
+        starts it afresh. True if something was killed."""
+        pid = self.recorded_pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not pid_alive(pid) and not _group_alive(pid):
+                break
+            time.sleep(0.1)
+        return True
+
     def stop(self, timeout_s: float | None = None) -> bool:
         """Stop the recorded process group (TERM, then KILL after `timeout_s`, by default the
         spec's `stop_timeout_s`). True if something was stopped."""

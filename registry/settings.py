@@ -206,6 +206,26 @@ class Settings(BaseSettings):
         le=300,
         description="How long the ingress reuses an alias→version lookup (0: ask MLflow always).",
     )
+    adapter_stale_serve_s: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="While MLflow is unreachable, how long after its lookup an alias's last "
+        "answer may still serve renders (0: never; the render gets 503).",
+    )
+    registry_http_timeout_s: int = Field(
+        10,
+        gt=0,
+        le=600,
+        description="Timeout of each MLflow HTTP call made on a request path (ingress, replicas).",
+    )
+    registry_http_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Retries of an MLflow HTTP call on a request path (MLflow's own default, 7 "
+        "with exponential backoff, holds a request for ~4 minutes while MLflow is down).",
+    )
     max_adapters_per_replica: int = Field(
         4, ge=1, le=256, description="Adapters a replica keeps loaded in its pipeline at once."
     )
@@ -448,6 +468,14 @@ class Settings(BaseSettings):
     @property
     def resolved_secrets_file(self) -> Path:
         return (self.secrets_file or self.state_path / "secrets.json").expanduser().resolve()
+
+    def registry_client_env(self) -> dict[str, str]:
+        """MLflow client variables for processes on a request path (the Serve ingress and
+        replicas): MLflow reads its HTTP timeout and retries from the environment only."""
+        return {
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.registry_http_timeout_s),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.registry_http_retries),
+        }
 
     @property
     def state_path(self) -> Path:

@@ -46,7 +46,7 @@ from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
 from serve.limits import LimitGuard
-from serve.placement import replica_deployment_options
+from serve.placement import ingress_actor_options, replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -273,7 +273,9 @@ class Ingress:
             tenants=tenants,
             presign_expiry_s=settings.presign_expiry_s,
             max_inflight_per_tenant=settings.max_inflight_per_tenant,
-            adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
+            adapters=AdapterResolver(
+                registry, settings.adapter_resolve_ttl_s, settings.adapter_stale_serve_s
+            ),
             on_rendered=on_rendered,
             tenant_limits=guard,
         )
@@ -312,4 +314,6 @@ def build_app(
     """The farm's Serve application for fully resolved settings (absolute paths, credentials).
     `replica` is the render deployment (benchmarks swap in variants built from it)."""
     bound = replica.options(**replica_deployment_options(settings)).bind(settings, model)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, bound)
+    return Ingress.options(ray_actor_options=ingress_actor_options(settings)).bind(
+        settings, model, bound
+    )

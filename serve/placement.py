@@ -45,11 +45,24 @@ def autoscaling_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def request_path_runtime_env(settings: Settings) -> dict[str, Any]:
+    """The runtime env of the request-path actors: MLflow calls fail within the registry
+    timeout instead of MLflow's default retries (minutes while MLflow is down). Never secrets:
+    Ray shows a runtime env to anyone who can reach its dashboard."""
+    return {"env_vars": settings.registry_client_env()}
+
+
+def ingress_actor_options(settings: Settings) -> dict[str, Any]:
+    """The ingress actor: no CPU reserved (it only waits on I/O), the request-path env."""
+    return {"num_cpus": 0, "runtime_env": request_path_runtime_env(settings)}
+
+
 def replica_actor_options(settings: Settings) -> dict[str, Any]:
-    """Resources Ray reserves for each replica actor."""
+    """Resources Ray reserves for each replica actor, and the request-path env."""
     options: dict[str, Any] = {
         "num_cpus": settings.cpus_per_replica,
         "num_gpus": settings.gpus_per_replica,
+        "runtime_env": request_path_runtime_env(settings),
     }
     if settings.memory_per_replica_mb is not None:
         options["memory"] = settings.memory_per_replica_mb * MIB

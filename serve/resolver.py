@@ -2,22 +2,33 @@
 
 A request names `acme`, `acme@staging` or `acme:3`; the tenant comes from its API key. The
 resolver asks the MLflow registry (tenant-scoped: another tenant's brand is "not found") and
-returns an `AdapterSpec`: version, sha256 and weights location. Alias lookups are reused for
-`ttl_s` seconds, so a promotion or rollback reaches serving within the TTL without a redeploy;
-"not found" is never cached, so a new brand is usable at once. A version's weights location
-never changes and is kept for the life of the process.
+returns an `AdapterSpec`: version, sha256 and weights location.
+
+- A version is immutable (its sha256 and weights never change, and versions are never
+  deleted), so what the registry said about `acme:3` is kept for the life of the process
+  (size-bounded): a render by explicit version needs MLflow only the first time.
+- Alias lookups are reused for `ttl_s` seconds, so a promotion or rollback reaches serving within
+  the TTL without a redeploy. "Not found" is never cached, so a new brand is usable at once.
+- While MLflow cannot be reached, an alias's last answer keeps serving for up to `stale_s`
+  seconds after it was fetched, so brands already in use keep rendering through a registry
+  outage; a reference never resolved before gets the registry's error (503).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 
+from cachetools import LRUCache
+
 from registry.adapter_refs import AdapterRef
-from registry.adapters import AdapterRegistry
+from registry.adapters import AdapterRegistry, RegistryError
 from serve.adapter_cache import AdapterLoadError
 from serve.protocol import AdapterSpec
+
+log = logging.getLogger(__name__)
 
 _MAX_ENTRIES = 10_000
 
@@ -27,48 +38,78 @@ class AdapterResolver:
         self,
         registry: AdapterRegistry,
         ttl_s: float,
+        stale_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
         self.clock = clock
-        self._versions: dict[tuple[str, str], tuple[float, int, str]] = {}
-        self._uris: dict[tuple[str, str, int], str] = {}
+        # (tenant, brand, version) -> (sha256, weights uri): immutable facts.
+        self._versions: LRUCache[tuple[str, str, int], tuple[str, str]] = LRUCache(_MAX_ENTRIES)
+        # (tenant, alias ref) -> (fetched at, version).
+        self._aliases: LRUCache[tuple[str, str], tuple[float, int]] = LRUCache(_MAX_ENTRIES)
         self._lock = threading.Lock()
 
     def resolve(self, tenant: str, ref: AdapterRef, scale: float) -> AdapterSpec:
         """The version `ref` names for `tenant` now (`AdapterNotFound`, `RegistryError`)."""
-        key = (tenant, str(ref))
-        now = self.clock()
+        version = ref.version if ref.version is not None else self._alias_version(tenant, ref)
+        key = (tenant, ref.brand, version)
         with self._lock:
-            hit = self._versions.get(key)
-        if hit is not None and hit[0] > now:
-            _, version, sha256 = hit
-        else:
-            found = self.registry.resolve(tenant, ref)
-            version, sha256 = found.version, found.sha256
-            if not sha256:
-                raise AdapterLoadError(
-                    500,
-                    "adapter_corrupt",
-                    f"adapter {ref.brand!r} version {version} has no sha256 in the registry, so "
-                    "it cannot be verified; register it again",
-                )
-            uri_key = (tenant, ref.brand, version)
-            if uri_key not in self._uris:
-                uri = self.registry.weights_uri(found)
-                with self._lock:
-                    self._uris[uri_key] = uri
-            with self._lock:
-                if len(self._versions) >= _MAX_ENTRIES:
-                    self._versions.clear()
-                self._versions[key] = (now + self.ttl_s, version, sha256)
+            known = self._versions.get(key)
+        if known is None:
+            known = self._lookup(tenant, AdapterRef(ref.brand, version=version))[1]
+        sha256, uri = known
         return AdapterSpec(
             tenant=tenant,
             brand=ref.brand,
             version=version,
             scale=scale,
             sha256=sha256,
-            weights_uri=self._uris[(tenant, ref.brand, version)],
+            weights_uri=uri,
             ref=str(ref),
         )
+
+    def _alias_version(self, tenant: str, ref: AdapterRef) -> int:
+        key = (tenant, str(ref))
+        now = self.clock()
+        with self._lock:
+            hit = self._aliases.get(key)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        try:
+            version, _ = self._lookup(tenant, ref)
+        except RegistryError:
+            if hit is None or now - hit[0] >= self.stale_s:
+                raise
+            # MLflow is unreachable: the last answer is the best one there is, for a while.
+            log.warning(
+                "registry unavailable; serving %s/%s as version %d (looked up %.0fs ago)",
+                tenant,
+                ref,
+                hit[1],
+                now - hit[0],
+            )
+            return hit[1]
+        with self._lock:
+            self._aliases[key] = (now, version)
+        return version
+
+    def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str]]:
+        """Ask the registry; remember the version's immutable facts."""
+        found = self.registry.resolve(tenant, ref)
+        if not found.sha256:
+            raise AdapterLoadError(
+                500,
+                "adapter_corrupt",
+                f"adapter {ref.brand!r} version {found.version} has no sha256 in the registry, "
+                "so it cannot be verified; register it again",
+            )
+        key = (tenant, ref.brand, found.version)
+        with self._lock:
+            known = self._versions.get(key)
+        if known is None:
+            known = (found.sha256, self.registry.weights_uri(found))
+            with self._lock:
+                self._versions[key] = known
+        return found.version, known

@@ -48,6 +48,23 @@ def test_start_is_idempotent_and_stop_kills_only_the_recorded_group(tmp_path):
         proc.stop()
 
 
+def test_kill_is_a_crash_and_start_brings_it_back(tmp_path):
+    """`kill` (the chaos suite's crash) SIGKILLs the group at once; the next `start`, as `up`
+    does, sees the recorded process dead and starts a new one on the same port."""
+    [port] = free_ports(1)
+    proc = ManagedProcess(_http_server(port), tmp_path, "127.0.0.1")
+    try:
+        proc.start(timeout_s=30)
+        pid = proc.recorded_pid()
+        assert proc.kill() is True
+        assert not pid_alive(pid) and proc.recorded_pid() is None
+        assert proc.kill() is False
+        assert proc.start(timeout_s=30) is True
+        assert proc.recorded_pid() not in (None, pid) and proc.spec.probe()
+    finally:
+        proc.stop()
+
+
 def test_a_crashing_process_reports_its_log(tmp_path):
     [port] = free_ports(1)
     spec = ProcessSpec(

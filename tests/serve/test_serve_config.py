@@ -75,7 +75,11 @@ def test_settings_changes_show_up():
     replica = deployments(config)["DiffusionReplica"]
     assert replica["num_replicas"] == 3
     assert replica["max_ongoing_requests"] == 9
-    assert replica["ray_actor_options"] == {"num_cpus": 6.0, "num_gpus": 2.0}
+    assert replica["ray_actor_options"] == {
+        "num_cpus": 6.0,
+        "num_gpus": 2.0,
+        "runtime_env": {"env_vars": s.registry_client_env()},
+    }
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
     assert application(config)["args"]["num_replicas"] == 3
 
@@ -189,7 +193,12 @@ def test_metrics_interval_is_written_only_when_changed():
 def test_a_multi_gpu_replica_gets_one_strict_pack_bundle_holding_the_actor():
     s = Settings(gpus_per_replica=2, cpus_per_replica=3, memory_per_replica_mb=1024)
     replica = deployments(serve_config(s))["DiffusionReplica"]
-    assert replica["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 2.0, "memory": 1 << 30}
+    assert replica["ray_actor_options"] == {
+        "num_cpus": 3.0,
+        "num_gpus": 2.0,
+        "memory": 1 << 30,
+        "runtime_env": {"env_vars": s.registry_client_env()},
+    }
     assert replica["placement_group_strategy"] == "STRICT_PACK"
     assert replica["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 2.0, "memory": 1 << 30}]
     # One GPU or a share of one: a plain actor, no placement group.
