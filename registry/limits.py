@@ -149,7 +149,8 @@ class TenantLimits:
         return found is not None
 
     def check_job_slots(self, tenant_id: str) -> None:
-        """Refuse (429) a new job when the tenant is at its unfinished-job or queued-job cap.
+        """Refuse (429) a new job when the tenant is at its unfinished-job or queued-job cap
+        (403 when a cap is 0: the tenant's plan has no fine-tuning).
 
         Every accepted job goes to the Ray cluster at once and starts when Ray has room, so
         each unfinished job (queued or running) counts as a concurrent fine-tune; the queued
@@ -157,6 +158,15 @@ class TenantLimits:
         limits = self.limits_for(tenant_id)
         if limits.max_concurrent_fine_tunes is None and limits.max_queued_jobs is None:
             return
+        for name in ("max_concurrent_fine_tunes", "max_queued_jobs"):
+            if getattr(limits, name) == 0:  # no waiting helps: a plan without fine-tuning
+                raise LimitExceeded(
+                    name,
+                    0,
+                    0,
+                    f"this tenant's plan allows no fine-tune jobs ({name}=0)",
+                    retryable=False,
+                )
         n = self.job_counts(tenant_id)
         unfinished = n["queued"] + n["running"]
         cap = limits.max_concurrent_fine_tunes

@@ -40,8 +40,10 @@ def test_set_limits_validates_and_resets(sql_engine) -> None:
     tenants = TenantDirectory(sql_engine)
     tenants.create_tenant("acme")
     assert tenants.set_limits("acme", max_stored_bytes=10**12).limits.max_stored_bytes == 10**12
-    with pytest.raises(TenantError, match="max_queued_jobs must be a whole number >= 0"):
+    with pytest.raises(TenantError, match=r"max_queued_jobs must be a whole number in \[0, "):
         tenants.set_limits("acme", max_queued_jobs=-1)
+    with pytest.raises(TenantError, match="got True"):
+        tenants.set_limits("acme", max_concurrent_fine_tunes=True)
     with pytest.raises(TenantError, match="render_retention_days must be > 0"):
         tenants.set_limits("acme", render_retention_days=0)
     with pytest.raises(TenantError, match="no tenant"):
@@ -118,6 +120,10 @@ def test_job_caps_count_queued_and_running(sql_engine, store: ObjectStore) -> No
     jobs.finish(first, "succeeded", adapter_version=1)
     tenants.set_limits("acme", max_queued_jobs=3)
     limits.check_new_job("acme", None)  # 2 unfinished, 2 queued: room under both caps
+    tenants.set_limits("acme", max_queued_jobs=0)
+    with pytest.raises(LimitExceeded, match="plan allows no fine-tune jobs") as plan:
+        limits.check_new_job("acme", None)
+    assert not plan.value.retryable  # 403: waiting does not help
 
 
 def test_retention_expires_only_old_renders_of_tenants_with_retention(
