@@ -7,9 +7,9 @@ because training workers write checkpoints straight to the store with no SQL rec
 listing cannot drift from what is really stored. It costs one LIST per ~1000 objects, so the
 total is cached for `stored_bytes_cache_ttl_s` and the ingress adds its own writes to the cached
 total in between. Limits of that choice: each ingress replica has its own cache, so writes by
-another replica or by a training worker show only at the next listing, and a tenant can
-overshoot the cap by what it writes within one TTL (at most one render, upload or job each
-request, since every request is checked against the total first).
+another replica or by a training worker show only at the next listing; a render or a job is
+admitted while the total is under the cap, and its size is known only afterwards, so a tenant
+can end above its cap by what requests admitted just under it (and its running jobs) write.
 """
 
 from __future__ import annotations
