@@ -10,6 +10,7 @@ migrating transaction, SQLite with a lock file beside the database file.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from registry.sql_base import Base, utcnow  # noqa: F401 - re-exported: the old import path
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The revision whose schema is exactly what release 1's `create_all` made.
 RELEASE_1 = "0001_release_1"
@@ -98,7 +100,12 @@ def migrate(engine: Engine) -> str:
             # that waited here sees the finished schema and its version, and upgrades nothing.
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         cfg = alembic_config(conn)
-        if current_revision(conn) is None and inspect(conn).has_table("tenants"):
+        before = current_revision(conn)
+        if before is None and inspect(conn).has_table("tenants"):
             command.stamp(cfg, RELEASE_1)  # release 1's create_all made exactly that schema
+            before = RELEASE_1
         command.upgrade(cfg, "head")
-        return current_revision(conn) or head
+        after = current_revision(conn) or head
+        if after != before:
+            log.info("farm database migrated from %s to %s", before or "empty", after)
+        return after

@@ -7,9 +7,9 @@ because training workers write checkpoints straight to the store with no SQL rec
 listing cannot drift from what is really stored. It costs one LIST per ~1000 objects, so the
 total is cached for `stored_bytes_cache_ttl_s` and the ingress adds its own writes to the cached
 total in between. Limits of that choice: each ingress replica has its own cache, so writes by
-another replica or by a training worker show only at the next listing, and a tenant can
-overshoot the cap by what it writes within one TTL (at most one render, upload or job each
-request, since every request is checked against the total first).
+another replica or by a training worker show only at the next listing; a render or a job is
+admitted while the total is under the cap, and its size is known only afterwards, so a tenant
+can end above its cap by what requests admitted just under it (and its running jobs) write.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ class TenantLimits:
         return found is not None
 
     def check_job_slots(self, tenant_id: str) -> None:
-        """Refuse (429) a new job when the tenant is at its unfinished-job or queued-job cap.
+        """Refuse (429) a new job when the tenant is at its unfinished-job or queued-job cap
+        (403 when a cap is 0: the tenant's plan has no fine-tuning).
 
         Every accepted job goes to the Ray cluster at once and starts when Ray has room, so
         each unfinished job (queued or running) counts as a concurrent fine-tune; the queued
@@ -157,6 +158,15 @@ class TenantLimits:
         limits = self.limits_for(tenant_id)
         if limits.max_concurrent_fine_tunes is None and limits.max_queued_jobs is None:
             return
+        for name in ("max_concurrent_fine_tunes", "max_queued_jobs"):
+            if getattr(limits, name) == 0:  # no waiting helps: a plan without fine-tuning
+                raise LimitExceeded(
+                    name,
+                    0,
+                    0,
+                    f"this tenant's plan allows no fine-tune jobs ({name}=0)",
+                    retryable=False,
+                )
         n = self.job_counts(tenant_id)
         unfinished = n["queued"] + n["running"]
         cap = limits.max_concurrent_fine_tunes

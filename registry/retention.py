@@ -121,7 +121,9 @@ class RetentionSweeper:
         self.on_deleted = on_deleted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="render-retention", daemon=True)
-        self.sweeps = 0
+        #: What the latest sweep did (None if it failed), and an event set after each sweep.
+        self.last_report: SweepReport | None = None
+        self.swept = threading.Event()
 
     def start(self) -> RetentionSweeper:
         self._thread.start()
@@ -133,6 +135,7 @@ class RetentionSweeper:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            report = None
             try:
                 report = expire_renders(
                     self.settings, self.tenants, self.store, on_deleted=self.on_deleted
@@ -146,5 +149,6 @@ class RetentionSweeper:
                     )
             except Exception as e:  # noqa: BLE001 - a sweep that failed runs again next time
                 log.warning("render retention sweep failed: %s", e)
-            self.sweeps += 1
+            self.last_report = report
+            self.swept.set()
             self._stop.wait(self.settings.render_retention_sweep_interval_s)

@@ -198,8 +198,10 @@ class TenantDirectory:
             if name == "render_retention_days":
                 if not value > 0:
                     raise TenantError(f"{name} must be > 0 days (or unset: keep forever)")
-            elif not (isinstance(value, int) and value >= 0):
-                raise TenantError(f"{name} must be a whole number >= 0, got {value!r}")
+            else:
+                top = 2**63 if name == "max_stored_bytes" else 2**31  # BIGINT / INTEGER columns
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < top:
+                    raise TenantError(f"{name} must be a whole number in [0, {top}), got {value!r}")
         with Session(self.engine) as s, s.begin():
             row = s.get(TenantRow, tenant_id)
             if row is None:

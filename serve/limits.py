@@ -1,7 +1,8 @@
 """Tenant limits at the API: `registry.limits` checks, answered in the API's error shape.
 
-429 (`Retry-After`) for the job caps, which clear as jobs end; 403 for the storage cap, a plan
-limit. The message names the limit and the tenant's current use; `code` is `<limit>_exceeded`.
+429 (`Retry-After`) for the job caps, which clear as jobs end; 403 for the storage cap and a
+job cap of 0, plan limits. The message names the limit and the tenant's current use; `code`
+is `<limit>_exceeded`.
 """
 
 from __future__ import annotations

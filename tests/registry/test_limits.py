@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from registry.jobs import JobStore
 from registry.limits import EffectiveLimits, LimitExceeded, TenantLimits
-from registry.retention import expire_renders, render_prefix
+from registry.retention import RetentionSweeper, expire_renders, render_prefix
 from registry.settings import Settings
 from registry.sql_base import utcnow
 from registry.storage import ObjectStore, render_key, tenant_prefix
@@ -40,8 +40,10 @@ def test_set_limits_validates_and_resets(sql_engine) -> None:
     tenants = TenantDirectory(sql_engine)
     tenants.create_tenant("acme")
     assert tenants.set_limits("acme", max_stored_bytes=10**12).limits.max_stored_bytes == 10**12
-    with pytest.raises(TenantError, match="max_queued_jobs must be a whole number >= 0"):
+    with pytest.raises(TenantError, match=r"max_queued_jobs must be a whole number in \[0, "):
         tenants.set_limits("acme", max_queued_jobs=-1)
+    with pytest.raises(TenantError, match="got True"):
+        tenants.set_limits("acme", max_concurrent_fine_tunes=True)
     with pytest.raises(TenantError, match="render_retention_days must be > 0"):
         tenants.set_limits("acme", render_retention_days=0)
     with pytest.raises(TenantError, match="no tenant"):
@@ -118,6 +120,10 @@ def test_job_caps_count_queued_and_running(sql_engine, store: ObjectStore) -> No
     jobs.finish(first, "succeeded", adapter_version=1)
     tenants.set_limits("acme", max_queued_jobs=3)
     limits.check_new_job("acme", None)  # 2 unfinished, 2 queued: room under both caps
+    tenants.set_limits("acme", max_queued_jobs=0)
+    with pytest.raises(LimitExceeded, match="plan allows no fine-tune jobs") as plan:
+        limits.check_new_job("acme", None)
+    assert not plan.value.retryable  # 403: waiting does not help
 
 
 def test_retention_expires_only_old_renders_of_tenants_with_retention(
@@ -165,3 +171,24 @@ def test_retention_expires_only_old_renders_of_tenants_with_retention(
     farm_wide = expire_renders(Settings(render_retention_days=7), tenants, store, now=now)
     assert farm_wide.per_tenant == {globex: 1}  # the farm's setting reaches globex too
     assert store.list(render_prefix(*kept)) == []
+
+
+def test_the_ingress_sweeper_expires_renders_on_its_own(sql_engine, store: ObjectStore) -> None:
+    tenants = TenantDirectory(sql_engine)
+    acme = name("acme")
+    tenants.create_tenant(acme)
+    render_id = "old" + secrets.token_hex(4)
+    store.put_bytes(render_key(acme, render_id, 0), b"png")
+    tenants.record_render(render_id, acme, 1, "m")
+    with Session(sql_engine) as s, s.begin():
+        s.get(RenderRow, render_id).created_at = utcnow() - dt.timedelta(hours=3)
+    freed: list[int] = []
+    settings = Settings(render_retention_days=0.1)  # 2.4 hours
+    sweeper = RetentionSweeper(settings, tenants, store, on_deleted=lambda _t, n: freed.append(n))
+    sweeper.start()
+    try:
+        assert sweeper.swept.wait(timeout=120)  # the first sweep runs at start
+    finally:
+        sweeper.stop()
+    assert sweeper.last_report is not None and sweeper.last_report.per_tenant.get(acme) == 1
+    assert store.list(render_prefix(acme, render_id)) == [] and freed == [3]
