@@ -177,10 +177,14 @@ class JobReporter:
             raise TrainingFileError(f"training file {job.training_file} no longer exists")
         try:
             data = self.store.get_bytes(record.object_key)
-        except ObjectNotFound as e:
-            raise TrainingFileError(
-                f"training file {record.id} is no longer in storage; upload it again"
-            ) from e
+        except StorageError as e:
+            # rclone answers a GET of a missing key in a shape minio does not parse, so the
+            # error need not be ObjectNotFound: ask whether the object exists.
+            if isinstance(e, ObjectNotFound) or not self.store.exists(record.object_key):
+                raise TrainingFileError(
+                    f"training file {record.id} is no longer in storage; upload it again"
+                ) from e
+            raise
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise TrainingFileError(
                 f"training file {record.id} does not match its recorded sha256; upload it again"
