@@ -116,6 +116,7 @@ def supervise(settings: Settings, job_id: str) -> int:
             return 0 if job.status != "failed" else 1
         if jobs.cancel_requested(job_id):
             jobs.finish(job_id, "cancelled")
+            _discard_quietly(settings, job)
             return 0
         jobs.add_event(
             job_id,
@@ -129,9 +130,15 @@ def supervise(settings: Settings, job_id: str) -> int:
         error=f"the training process died {settings.fine_tune_max_attempts} times; see events",
         error_code="training_process_died",
     )
-    with contextlib.suppress(Exception):
-        discard_job_objects(ObjectStore.from_settings(settings), jobs.get_any(job_id))
+    _discard_quietly(settings, jobs.get_any(job_id))
     return 1
+
+
+def _discard_quietly(settings: Settings, job: JobRecord) -> None:
+    try:
+        discard_job_objects(ObjectStore.from_settings(settings), job)
+    except StorageError as e:  # the job's outcome stands; the leftovers are only bytes
+        log.warning("job %s: could not delete its checkpoints: %s", job.id, e)
 
 
 # --- worker ----------------------------------------------------------------------------------
@@ -310,10 +317,7 @@ class Worker:
         return 0
 
     def _discard(self, job: JobRecord) -> None:
-        try:
-            discard_job_objects(ObjectStore.from_settings(self.settings), job)
-        except StorageError as e:  # the job's outcome stands; the leftovers are only bytes
-            log.warning("job %s: could not delete its checkpoints: %s", job.id, e)
+        _discard_quietly(self.settings, job)
 
     def _train_and_register(self, job: JobRecord, run_id: str) -> int:
         import mlflow
