@@ -116,6 +116,7 @@ def supervise(settings: Settings, job_id: str) -> int:
             return 0 if job.status != "failed" else 1
         if jobs.cancel_requested(job_id):
             jobs.finish(job_id, "cancelled")
+            _discard_quietly(settings, job)
             return 0
         jobs.add_event(
             job_id,
@@ -129,9 +130,15 @@ def supervise(settings: Settings, job_id: str) -> int:
         error=f"the training process died {settings.fine_tune_max_attempts} times; see events",
         error_code="training_process_died",
     )
-    with contextlib.suppress(Exception):
-        discard_job_objects(ObjectStore.from_settings(settings), jobs.get_any(job_id))
+    _discard_quietly(settings, jobs.get_any(job_id))
     return 1
+
+
+def _discard_quietly(settings: Settings, job: JobRecord) -> None:
+    try:
+        discard_job_objects(ObjectStore.from_settings(settings), job)
+    except StorageError as e:  # the job's outcome stands; the leftovers are only bytes
+        log.warning("job %s: could not delete its checkpoints: %s", job.id, e)
 
 
 # --- worker ----------------------------------------------------------------------------------
@@ -177,10 +184,14 @@ class JobReporter:
             raise TrainingFileError(f"training file {job.training_file} no longer exists")
         try:
             data = self.store.get_bytes(record.object_key)
-        except ObjectNotFound as e:
-            raise TrainingFileError(
-                f"training file {record.id} is no longer in storage; upload it again"
-            ) from e
+        except StorageError as e:
+            # rclone answers a GET of a missing key in a shape minio does not parse, so the
+            # error need not be ObjectNotFound: ask whether the object exists.
+            if isinstance(e, ObjectNotFound) or not self.store.exists(record.object_key):
+                raise TrainingFileError(
+                    f"training file {record.id} is no longer in storage; upload it again"
+                ) from e
+            raise
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise TrainingFileError(
                 f"training file {record.id} does not match its recorded sha256; upload it again"
@@ -306,10 +317,7 @@ class Worker:
         return 0
 
     def _discard(self, job: JobRecord) -> None:
-        try:
-            discard_job_objects(ObjectStore.from_settings(self.settings), job)
-        except StorageError as e:  # the job's outcome stands; the leftovers are only bytes
-            log.warning("job %s: could not delete its checkpoints: %s", job.id, e)
+        _discard_quietly(self.settings, job)
 
     def _train_and_register(self, job: JobRecord, run_id: str) -> int:
         import mlflow

@@ -168,12 +168,13 @@ def _assert_no_secret_in_ray(farm, job_id):
         "job logs": JobSubmissionClient(dashboard).get_job_logs(job_id),
     }
     # Ray's own logs of setting up runtime envs (the probe found the key there before).
+    gcs = f"{farm.settings.host}:{farm.settings.ray_gcs_port}"
     [head] = [n for n in list_nodes(address=dashboard) if n.is_head_node]
-    logs = list_logs(address=dashboard, node_id=head.node_id)
+    logs = list_logs(address=gcs, node_id=head.node_id)
     agent_logs = [f for files in logs.values() for f in files if "runtime_env" in f]
     assert agent_logs, logs
     for name in agent_logs:
-        views[name] = "".join(get_log(address=dashboard, node_id=head.node_id, filename=name))
+        views[name] = "".join(get_log(address=gcs, node_id=head.node_id, filename=name))
     for where, view in views.items():
         text = view if isinstance(view, str) else json.dumps(view)
         if where != "job logs" and not where.startswith("runtime_env"):

@@ -20,6 +20,10 @@ def test_credentials_file_is_private(farm):
     creds = farm.stack.credentials_file
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     assert set(json.loads(creds.read_text())) == {"s3_access_key", "s3_secret_key"}
+    # What fine-tune jobs read instead of getting secrets in their Ray runtime env.
+    secrets = farm.settings.resolved_secrets_file
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    assert set(json.loads(secrets.read_text())) == {"s3_access_key", "s3_secret_key"}
 
 
 def test_cli_status_and_second_up_is_idempotent(farm):
