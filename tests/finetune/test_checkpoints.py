@@ -24,27 +24,25 @@ def setup(tmp_path_factory):
     return base.path, list(generate_brand("acme", n=4, seed=0))
 
 
+KW = dict(steps=4, rank=2, alpha=2.0, batch_size=2, seed=3)
+
+
 @pytest.fixture(scope="module")
 def state(setup, tmp_path_factory):
-    """A real `train_lora` checkpoint state, at step 2."""
+    """A real `train_lora` checkpoint state, at step 2 of 4."""
     base, examples = setup
-    tmp_path, step = tmp_path_factory.mktemp("ckpt"), 2
     saved: dict[int, dict] = {}
     with pytest.raises(TrainingStopped):
         train_lora(
             base,
             examples,
-            tmp_path / "x",
-            steps=6,
-            rank=2,
-            alpha=2.0,
-            batch_size=2,
-            seed=3,
-            checkpoint_every=step,
-            on_checkpoint=lambda s, state: saved.__setitem__(s, state),
-            should_stop=lambda: step in saved,
+            tmp_path_factory.mktemp("ckpt") / "x",
+            checkpoint_every=2,
+            on_checkpoint=lambda s, st: saved.__setitem__(s, st),
+            should_stop=lambda: 2 in saved,
+            **KW,
         )
-    return saved[step]
+    return saved[2]
 
 
 def _same(a, b, where="state"):
@@ -87,23 +85,13 @@ def test_rng_states_are_restored(state):
     assert torch.equal(torch.rand(1), expected[2])
 
 
-def test_resume_from_stored_bytes_equals_uninterrupted(setup, tmp_path):
+def test_resume_from_stored_bytes_equals_uninterrupted(setup, state, tmp_path):
     base, examples = setup
-    kw = dict(steps=6, rank=2, alpha=2.0, batch_size=2, seed=3)
-    straight = train_lora(base, examples, tmp_path / "straight", **kw)
-    stored: dict[int, tuple[bytes, bytes]] = {}
-    with pytest.raises(TrainingStopped):
-        train_lora(
-            base,
-            examples,
-            tmp_path / "first",
-            checkpoint_every=3,
-            on_checkpoint=lambda step, state: stored.__setitem__(step, checkpoints.encode(state)),
-            should_stop=lambda: 3 in stored,
-            **kw,
-        )
-    resume = checkpoints.decode(*stored[3])
-    resumed = train_lora(base, examples, tmp_path / "resumed", resume=resume, **kw)
+    straight = train_lora(base, examples, tmp_path / "straight", **KW)
+    stored = checkpoints.encode(state)  # what goes to the object store, and comes back
+    resumed = train_lora(
+        base, examples, tmp_path / "resumed", resume=checkpoints.decode(*stored), **KW
+    )
     a = load_file(str(straight / LORA_WEIGHT_NAME))
     b = load_file(str(resumed / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys() and a
