@@ -78,6 +78,8 @@ def replica_deployment_options(settings: Settings) -> dict[str, Any]:
     else:
         options["num_replicas"] = settings.num_replicas
     options["max_ongoing_requests"] = settings.max_ongoing_requests
+    if settings.max_queued_requests is not None:
+        options["max_queued_requests"] = settings.max_queued_requests
     options["ray_actor_options"] = replica_actor_options(settings)
     bundles = replica_bundles(settings)
     if bundles is not None:
