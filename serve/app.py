@@ -42,7 +42,7 @@ from serve.errors import ServiceUnavailable
 from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
-from serve.placement import replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
 from serve.resolver import AdapterResolver
 
@@ -331,4 +331,4 @@ def build_app(
     """The farm's Serve application for fully resolved settings (absolute paths, credentials).
     `replica` is the render deployment (benchmarks swap in variants built from it)."""
     bound = replica.options(**replica_deployment_options(settings)).bind(settings, model)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, bound)
+    return Ingress.options(**ingress_deployment_options(settings)).bind(settings, model, bound)

@@ -70,6 +70,17 @@ def replica_bundles(settings: Settings) -> list[dict[str, float]] | None:
     return [{name: amount for name, amount in bundle.items() if amount > 0}]
 
 
+def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of `Ingress.options(...)` (also the config file's fields). The ingress
+    is async and light; it lets through as many requests as the replicas can hold (Serve's
+    default of 5 would cap every replica's batch at 5 requests)."""
+    replicas = settings.max_replicas if settings.autoscale else settings.num_replicas
+    return {
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": settings.max_ongoing_requests * replicas,
+    }
+
+
 def replica_deployment_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of `DiffusionReplica.options(...)` (also the config file's fields)."""
     options: dict[str, Any] = {}

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from registry.settings import Settings
-from serve.placement import replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 
 APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
 IMPORT_PATH = "serve.builder:app"
@@ -54,7 +54,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                 "import_path": IMPORT_PATH,
                 "args": settings_args(settings),
                 "deployments": [
-                    {"name": INGRESS, "ray_actor_options": {"num_cpus": 0}},
+                    {"name": INGRESS, **ingress_deployment_options(settings)},
                     {"name": REPLICA, **replica_deployment_options(settings)},
                 ],
             }

@@ -76,6 +76,8 @@ def test_settings_changes_show_up():
     assert replica["num_replicas"] == 3
     assert replica["max_ongoing_requests"] == 9
     assert replica["ray_actor_options"] == {"num_cpus": 6.0, "num_gpus": 2.0}
+    # The ingress lets through what the replicas hold (they batch from it), not Serve's 5.
+    assert deployments(config)["Ingress"]["max_ongoing_requests"] == 27
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
     assert application(config)["args"]["num_replicas"] == 3
 
