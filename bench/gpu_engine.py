@@ -9,7 +9,14 @@ rank-8 LoRAs on the UNet's attention projections, loaded with diffusers'
 `pipe.set_adapters([name], [scale])`: "1 adapter" keeps one active; "8 rotating" activates a
 different resident adapter before every image, the hot-swap pattern of mixed tenant traffic.
 
-Needs torch, diffusers, transformers, peft and accelerate; no Ray, MLflow or network.
+Then the batching engine's step (`serve.engine.denoise`, what a replica runs with
+`max_batch_images` > 1): images/s at batch sizes 1/4/8/16 with one adapter, and a batch with
+all adapters mixed (row i uses adapter i mod 8, routed per row through peft's `adapter_names`)
+against the same batch size with one adapter. The GPU runs batches without the CPU's
+same-shape padding (`exact_batch_pixels`): its kernels are not bit-identical across shapes.
+
+Needs torch, diffusers, transformers, peft and accelerate (and this repo's `serve.engine`, which
+imports pydantic); no Ray, MLflow or network.
 
     python bench/gpu_engine.py                      # CUDA, SD-1.5 shapes, 512x512, fp16
     python bench/gpu_engine.py --tiny --images 2    # CPU smoke test of the same code path
@@ -58,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed images per mode.")
     parser.add_argument("--adapters", type=int, default=8, help="Adapters in the rotation.")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of each adapter.")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 4, 8, 16],
+        help="Batch sizes (images per denoising step) for the batching engine.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and adapters.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = parser.parse_args(argv)
@@ -155,6 +169,45 @@ def render_rate(pipe, args, devices: list[str], choose_adapter) -> float:
     return args.images / (time.perf_counter() - start)
 
 
+def batched_rate(pipe, args, devices: list[str], router, batch: int, slots: list[str]) -> float:  # noqa: ANN001
+    """Images per second of the batching engine's step at `batch` images per step, row i with
+    adapter `slots[i % len(slots)]`; at least `args.images` images, after one untimed batch."""
+    from serve.engine import denoise
+
+    def run(first_seed: int) -> None:
+        rows = [
+            denoise.start_row(
+                pipe,
+                router,
+                prompt=PROMPT,
+                negative_prompt=None,
+                width=args.size,
+                height=args.size,
+                steps=args.steps,
+                guidance_scale=5.0,
+                seed=first_seed + i,
+                slot=slots[i % len(slots)],
+                scale=1.0,
+            )
+            for i in range(batch)
+        ]
+        while not rows[0].done:
+            denoise.step(pipe, router, rows)
+        for row in rows:
+            denoise.decode(pipe, row)
+
+    with torch.inference_mode():
+        run(0)
+        sync(devices)
+        start = time.perf_counter()
+        done = 0
+        while done < max(args.images, batch):
+            run(done)
+            done += batch
+        sync(devices)
+    return done / (time.perf_counter() - start)
+
+
 def hardware(devices: list[str]) -> str:
     if devices == ["cpu"]:
         return f"{platform.processor() or platform.machine()} CPU"
@@ -189,6 +242,16 @@ def main(argv: list[str] | None = None) -> dict:
     rotating = render_rate(
         pipe, args, devices, lambda i: pipe.set_adapters([names[i % len(names)]], [1.0])
     )
+
+    # The batching engine: one adapter at several batch sizes, then all adapters mixed.
+    from serve.engine.adapters import LoraRouter
+
+    router = LoraRouter(pipe)
+    router.refresh()
+    batched = {b: batched_rate(pipe, args, devices, router, b, names[:1]) for b in args.batches}
+    widest = max(args.batches)
+    mixed = batched_rate(pipe, args, devices, router, widest, names)
+
     result = {
         "pipeline": "tiny-sd" if args.tiny else "sd-1.5 (random weights)",
         "size": args.size,
@@ -202,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         "images_per_s_1_adapter": round(one, 4),
         f"images_per_s_{len(names)}_rotating": round(rotating, 4),
         "rotating_vs_1": round(rotating / one, 4),
+        "batched_images_per_s_1_adapter": {str(b): round(r, 4) for b, r in batched.items()},
+        f"batched_images_per_s_{len(names)}_mixed_at_{widest}": round(mixed, 4),
+        "batched_mixed_vs_1_adapter": round(mixed / batched[widest], 4),
     }
     print(json.dumps(result, indent=2))
     if args.json:

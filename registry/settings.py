@@ -172,7 +172,17 @@ class Settings(BaseSettings):
         "Unset: Serve still spreads replicas over nodes, as a preference.",
     )
     max_ongoing_requests: int = Field(
-        4, ge=1, le=1024, description="Requests a replica accepts at once (queued inside)."
+        16,
+        ge=1,
+        le=1024,
+        description="Requests a replica accepts at once: its in-replica queue, from which it "
+        "batches (beyond it, requests wait at the ingress).",
+    )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests that may wait at the ingress for a replica with room; past it the "
+        "API answers 503 `overloaded` with Retry-After (unset: no limit).",
     )
     # Local worker nodes: `up` can start Ray worker nodes beside the embedded head, each with its
     # own declared resources, to run (and test) multi-node placement on one machine. Unused with
@@ -234,6 +244,32 @@ class Settings(BaseSettings):
     )
     max_adapter_scale: float = Field(
         2.0, gt=0, le=100, description="Upper bound of `adapter_scale` (0 renders the base model)."
+    )
+    # --- batched rendering (continuous batching in each replica) ------------------------------
+    max_batch_images: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Images one replica denoises together, from any requests and brands; new "
+        "ones join at the next step (1: one image at a time).",
+    )
+    batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="How long an idle replica waits for more images before starting a batch.",
+    )
+    exact_batch_pixels: bool = Field(
+        True,
+        description="Run every denoising step at the full batch size (padded), so an image's "
+        "pixels never depend on its batch-mates (CPU kernels round by shape). Off: a lone "
+        "image is cheaper, but its last bits may depend on the batch.",
+    )
+    render_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a render may spend in a replica, queue included; past it its "
+        "images leave the batch and the API answers 503 `render_timeout` (unset: no limit).",
     )
     # --- fine-tune dataset limits (uploads are zips of images + captions) --------------------
     dataset_max_upload_bytes: int = Field(

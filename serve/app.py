@@ -46,7 +46,7 @@ from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
 from serve.limits import LimitGuard
-from serve.placement import ingress_actor_options, replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -83,17 +83,48 @@ class DiffusionReplica:
     """One warm pipeline plus its brand adapters (see `serve.adapter_cache` for the tiers).
 
     Requests name their adapter version through Serve's `multiplexed_model_id`, so the router
-    prefers replicas that already hold it. Renders are serialised by the engine's lock; each job
-    activates exactly its own adapter and scale. Requests beyond `max_ongoing_requests` queue
-    at the handle.
+    prefers replicas that already hold it. The engine batches the images of all requests in the
+    replica (up to `max_batch_images`, any brands, each with its own adapter and scale); a
+    request joins the running batch at the next denoising step. Requests beyond
+    `max_ongoing_requests` wait at the handle (503 `overloaded` past `max_queued_requests`). A
+    request whose caller goes away (Serve cancels `render`) or whose `render_timeout_s` passes
+    leaves the batch at the next step.
     """
 
     def __init__(self, settings: Settings, model: BaseModelInfo) -> None:
         from serve.engine import DiffusionEngine  # torch is imported on replicas only
 
-        self.engine = DiffusionEngine.load(
-            model, settings.device, max_adapters=settings.max_adapters_per_replica
+        self.batch_size = metrics.Histogram(
+            "brandfarm_batch_size",
+            description="Images denoised together in one step.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
+        self.queue_wait = metrics.Histogram(
+            "brandfarm_queue_wait_seconds",
+            description="Time an image waited in the replica before joining a batch.",
+            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+        )
+        self.joined_mid_batch = metrics.Counter(
+            "brandfarm_rows_joined_mid_batch",
+            description="Images that joined a batch already running (continuous batching).",
+        )
+
+        def on_admit(waited_s: float, joined: bool) -> None:
+            self.queue_wait.observe(waited_s)
+            if joined:
+                self.joined_mid_batch.inc()
+
+        self.engine = DiffusionEngine.load(
+            model,
+            settings.device,
+            max_adapters=settings.max_adapters_per_replica,
+            max_batch_images=settings.max_batch_images,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            exact_pixels=settings.exact_batch_pixels,
+            on_step=lambda size: self.batch_size.observe(size),
+            on_admit=on_admit,
+        )
+        self.render_timeout_s = settings.render_timeout_s
         self.host = HostAdapterCache(settings.adapter_host_cache_mb * MIB)
         registry_uri = settings.resolved_mlflow_uri
 
@@ -146,7 +177,11 @@ class DiffusionReplica:
         self.queue_depth.set(self._waiting)
         try:
             weights = None if job.adapter is None else await self._weights_for(job.adapter)
-            return await asyncio.to_thread(self.engine.generate, job, weights)
+            timeout = self.render_timeout_s
+            deadline = None if timeout is None else time.monotonic() + timeout
+            # Cancelling this coroutine (the caller went away) cancels the engine's future,
+            # and the request's images leave the batch at the next step.
+            return await asyncio.wrap_future(self.engine.submit(job, weights, deadline))
         finally:
             self._waiting -= 1
             self.queue_depth.set(self._waiting)
@@ -234,6 +269,10 @@ class ServeRenderer:
         except RayTaskError as e:
             if isinstance(e.cause, AdapterLoadError):
                 raise AdapterLoadError(*e.cause.args) from None
+            if isinstance(e.cause, TimeoutError):  # the engine's RenderDeadlineExceeded
+                raise ServiceUnavailable(
+                    "the render did not finish within render_timeout_s", "render_timeout"
+                ) from e
             raise
 
 
@@ -314,6 +353,4 @@ def build_app(
     """The farm's Serve application for fully resolved settings (absolute paths, credentials).
     `replica` is the render deployment (benchmarks swap in variants built from it)."""
     bound = replica.options(**replica_deployment_options(settings)).bind(settings, model)
-    return Ingress.options(ray_actor_options=ingress_actor_options(settings)).bind(
-        settings, model, bound
-    )
+    return Ingress.options(**ingress_deployment_options(settings)).bind(settings, model, bound)

@@ -83,6 +83,17 @@ def replica_bundles(settings: Settings) -> list[dict[str, float]] | None:
     return [{name: amount for name, amount in bundle.items() if amount > 0}]
 
 
+def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of `Ingress.options(...)` (also the config file's fields). The ingress
+    is async and light; it lets through as many requests as the replicas can hold (Serve's
+    default of 5 would cap every replica's batch at 5 requests)."""
+    replicas = settings.max_replicas if settings.autoscale else settings.num_replicas
+    return {
+        "ray_actor_options": ingress_actor_options(settings),
+        "max_ongoing_requests": settings.max_ongoing_requests * replicas,
+    }
+
+
 def replica_deployment_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of `DiffusionReplica.options(...)` (also the config file's fields)."""
     options: dict[str, Any] = {}
@@ -91,6 +102,8 @@ def replica_deployment_options(settings: Settings) -> dict[str, Any]:
     else:
         options["num_replicas"] = settings.num_replicas
     options["max_ongoing_requests"] = settings.max_ongoing_requests
+    if settings.max_queued_requests is not None:
+        options["max_queued_requests"] = settings.max_queued_requests
     options["ray_actor_options"] = replica_actor_options(settings)
     bundles = replica_bundles(settings)
     if bundles is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from registry.settings import SECRET_FIELDS, Settings
-from serve.placement import ingress_actor_options, replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 
 APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
 IMPORT_PATH = "serve.builder:app"
@@ -45,7 +45,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                 "import_path": IMPORT_PATH,
                 "args": settings_args(settings),
                 "deployments": [
-                    {"name": INGRESS, "ray_actor_options": ingress_actor_options(settings)},
+                    {"name": INGRESS, **ingress_deployment_options(settings)},
                     {"name": REPLICA, **replica_deployment_options(settings)},
                 ],
             }

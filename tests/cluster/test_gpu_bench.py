@@ -20,8 +20,11 @@ def test_tiny_run_measures_both_modes(tmp_path):
     out = tmp_path / "result.json"
     result = bench.main(
         ["--tiny", "--images", "2", "--warmup", "0", "--adapters", "3", "--json", str(out)]
+        + ["--batches", "1", "2"]
     )
     assert result["dtype"] == "float32" and set(result["placement"].values()) == {"cpu"}
     assert result["images_per_s_1_adapter"] > 0 and result["images_per_s_3_rotating"] > 0
     assert result["adapter_load_s_median"] > 0
+    assert set(result["batched_images_per_s_1_adapter"]) == {"1", "2"}
+    assert result["batched_images_per_s_3_mixed_at_2"] > 0
     assert out.read_text().startswith("{")

@@ -225,6 +225,7 @@ def test_concurrent_mixed_adapters_each_match_their_reference(hs, brands):
         image, used = hs.render(seed=seed, **extra)
         return job, image, used
 
+    before = settled_metrics(hs.farm)
     interleaved = jobs * 2  # 16 requests, 4 adapters (base included), interleaved
     with cf.ThreadPoolExecutor(8) as pool:  # 8 = the tenant's in-flight limit
         results = list(pool.map(one, interleaved))
@@ -233,6 +234,15 @@ def test_concurrent_mixed_adapters_each_match_their_reference(hs, brands):
         assert np.array_equal(image, reference[brand, seed]), (brand, seed)
     distinct = {reference[job].tobytes() for job in jobs}
     assert len(distinct) == len(jobs)  # every adapter really changes the image
+    # ...and they were rendered in shared batches (max_batch_images, default 8), not one by one.
+    after = settled_metrics(hs.farm)
+
+    def grew(name: str) -> float:
+        return after.get((name, ""), 0.0) - before.get((name, ""), 0.0)
+
+    steps, rows = grew("ray_brandfarm_batch_size_count"), grew("ray_brandfarm_batch_size_sum")
+    assert steps > 0 and rows / steps > 1.5, (rows, steps)
+    assert grew("ray_brandfarm_rows_joined_mid_batch") > 0
 
 
 # --- promotion and rollback -------------------------------------------------------------------

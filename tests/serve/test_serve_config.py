@@ -80,6 +80,8 @@ def test_settings_changes_show_up():
         "num_gpus": 2.0,
         "runtime_env": {"env_vars": s.registry_client_env()},
     }
+    # The ingress lets through what the replicas hold (they batch from it), not Serve's 5.
+    assert deployments(config)["Ingress"]["max_ongoing_requests"] == 27
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
     assert application(config)["args"]["num_replicas"] == 3
 
