@@ -25,6 +25,7 @@ from cluster.topology import Topology, alive_nodes, local_worker_resource, read_
 from registry.base_models import BaseModelInfo, ensure_base_model
 from registry.settings import Settings, child_env
 from registry.storage import ObjectStore
+from serve.serve_config import http_options
 
 Progress = Callable[[str], None]
 
@@ -330,7 +331,7 @@ class LocalStack:
 
         ray.init(address=self.ray_address(s), logging_level="ERROR", log_to_driver=False)
         try:
-            serve.start(http_options={"host": s.host, "port": s.api_port})
+            serve.start(http_options=http_options(s))
             serve.run(build_app(s, model), name=APP_NAME, route_prefix="/", blocking=False)
             deadline = time.monotonic() + s.startup_timeout_s
             while not self._api_serves(s, model):

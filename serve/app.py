@@ -25,7 +25,7 @@ from registry.base_models import BaseModelInfo
 from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
-from registry.settings import Settings
+from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 from serve import replica_state
@@ -41,8 +41,9 @@ from serve.api import ApiServices, create_api
 from serve.errors import ServiceUnavailable
 from serve.files import FileService
 from serve.images import ImageService
+from serve.io_pools import IOPools
 from serve.jobs import JobService
-from serve.placement import replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
 from serve.resolver import AdapterResolver
 
@@ -216,8 +217,14 @@ class ServeRenderer:
 
     async def render(self, job: RenderJob) -> list[RenderedImage]:
         model_id = job.adapter.model_id if job.adapter else ""
+        response = self.handle.options(multiplexed_model_id=model_id).render.remote(job)
         try:
-            return await self.handle.options(multiplexed_model_id=model_id).render.remote(job)
+            return await response
+        except asyncio.CancelledError:
+            # The client went away (Serve cancels the ingress request): cancel the render too,
+            # so the replica does not keep working for no one.
+            response.cancel()
+            raise
         except (BackPressureError, DeploymentUnavailableError) as e:
             raise ServiceUnavailable("no render capacity available right now", "overloaded") from e
         except RayActorError as e:
@@ -236,6 +243,8 @@ class ServeRenderer:
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: Settings, model: BaseModelInfo, replica: DeploymentHandle):
+        apply_mlflow_client_limits(settings)  # a slow MLflow fails a lookup; never stalls it
+        pools = IOPools.from_settings(settings)
         engine = make_engine(settings.resolved_database_url)
         tenants = TenantDirectory(engine)
         store = ObjectStore.from_settings(settings)
@@ -264,6 +273,7 @@ class Ingress:
             max_inflight_per_tenant=settings.max_inflight_per_tenant,
             adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
             on_rendered=on_rendered,
+            pools=pools,
         )
         files = FileCatalog(engine)
         jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
@@ -275,10 +285,11 @@ class Ingress:
                 images=images,
                 files=FileService(files, store, DatasetLimits.from_settings(settings)),
                 jobs=jobs,
-                adapters=AdapterService(registry),
+                adapters=AdapterService(registry, pools.registry),
                 max_request_bytes=settings.max_request_bytes,
                 # Room for the multipart envelope; the dataset's own limit is checked exactly.
                 max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
+                db_pool=pools.db,
             )
         )
 
@@ -292,4 +303,4 @@ def build_app(
     """The farm's Serve application for fully resolved settings (absolute paths, credentials).
     `replica` is the render deployment (benchmarks swap in variants built from it)."""
     bound = replica.options(**replica_deployment_options(settings)).bind(settings, model)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(settings, model, bound)
+    return Ingress.options(**ingress_deployment_options(settings)).bind(settings, model, bound)

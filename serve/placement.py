@@ -86,3 +86,13 @@ def replica_deployment_options(settings: Settings) -> dict[str, Any]:
     if settings.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = settings.max_replicas_per_node
     return options
+
+
+def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
+    """The API ingress deployment's options (code and config file alike). It takes no CPU of its
+    own, and admits more requests at once than one tenant may have in flight, so that a tenant
+    over its limit reaches the ingress and gets 429 rather than waiting at the proxy."""
+    return {
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": settings.ingress_max_ongoing_requests,
+    }

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from registry.settings import Settings
-from serve.placement import replica_deployment_options
+from serve.placement import ingress_deployment_options, replica_deployment_options
 
 APP_NAME = "brandfarm"  # == serve.app.APP_NAME (a test checks; importing it would pull in Ray)
 IMPORT_PATH = "serve.builder:app"
@@ -42,11 +42,20 @@ def settings_args(settings: Settings) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value != defaults[name]}
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's HTTP proxy options: where it listens and its end-to-end request timeout."""
+    return {
+        "host": settings.host,
+        "port": settings.api_port,
+        "request_timeout_s": settings.request_timeout_s,
+    }
+
+
 def serve_config(settings: Settings) -> dict[str, Any]:
     """The Serve config-file dict (Ray's `ServeDeploySchema`) that deploys this farm's app."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": settings.host, "port": settings.api_port},
+        "http_options": http_options(settings),
         "applications": [
             {
                 "name": APP_NAME,
@@ -54,7 +63,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                 "import_path": IMPORT_PATH,
                 "args": settings_args(settings),
                 "deployments": [
-                    {"name": INGRESS, "ray_actor_options": {"num_cpus": 0}},
+                    {"name": INGRESS, **ingress_deployment_options(settings)},
                     {"name": REPLICA, **replica_deployment_options(settings)},
                 ],
             }

@@ -76,7 +76,7 @@ def test_settings_changes_show_up():
     assert replica["num_replicas"] == 3
     assert replica["max_ongoing_requests"] == 9
     assert replica["ray_actor_options"] == {"num_cpus": 6.0, "num_gpus": 2.0}
-    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 300.0}
     assert application(config)["args"]["num_replicas"] == 3
 
 
@@ -217,3 +217,18 @@ def test_builder_builds_that_app_from_the_configs_args(tmp_path):
     built = builder(application(config)["args"])
     assert_config_matches_code(config, built)
     assert (tmp_path / "state" / "models").is_dir()
+
+
+def test_http_options_carry_the_request_timeout_and_ray_accepts_them():
+    from ray.serve.config import HTTPOptions
+
+    options = serve_config(Settings(request_timeout_s=42))["http_options"]
+    assert HTTPOptions(**options).request_timeout_s == 42
+
+
+def test_the_ingress_admits_more_than_one_tenants_inflight_limit():
+    s = Settings(max_inflight_per_tenant=8)
+    ingress = deployments(serve_config(s))["Ingress"]
+    assert ingress["max_ongoing_requests"] > s.max_inflight_per_tenant
+    with pytest.raises(ValueError, match="ingress_max_ongoing_requests"):
+        Settings(max_inflight_per_tenant=16, ingress_max_ongoing_requests=16)
