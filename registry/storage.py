@@ -134,7 +134,14 @@ class ObjectStore:
             if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
                 raise ObjectNotFound(f"{what}: {e.code}") from e
             raise StorageError(f"{what} failed on {self.endpoint}: {e.code} {e.message}") from e
-        except (InvalidResponseError, ServerError) as e:
+        except InvalidResponseError as e:
+            # Some servers (rclone's GET of a missing key) answer 404 with an error body minio
+            # cannot parse; the status still says "no such object". minio keeps it private,
+            # and `__reduce__` is its public way out: (status, content type, body).
+            if e.__reduce__()[1][0] == 404:
+                raise ObjectNotFound(f"{what}: not found") from e
+            raise StorageError(f"{what} failed on {self.endpoint}: {e}") from e
+        except ServerError as e:
             raise StorageError(f"{what} failed on {self.endpoint}: {e}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise StorageError(f"{what}: object store at {self.endpoint} unreachable: {e}") from e

@@ -18,16 +18,10 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from finetune.datasets import DatasetLimits
-from finetune.launcher import JobLauncher
 from registry.adapters import AdapterRegistry
 from registry.base_models import BaseModelInfo
-from registry.db import make_engine
-from registry.files import FileCatalog
-from registry.jobs import JobStore
-from registry.settings import Settings, apply_mlflow_client_limits
+from registry.settings import Settings
 from registry.storage import ObjectStore
-from registry.tenants import TenantDirectory
 from serve import replica_state
 from serve.adapter_cache import (
     AdapterFetcher,
@@ -36,16 +30,11 @@ from serve.adapter_cache import (
     HostAdapterCache,
     parse_weights,
 )
-from serve.adapters import AdapterService
-from serve.api import ApiServices, create_api
+from serve.api import create_api
 from serve.errors import ServiceUnavailable
-from serve.files import FileService
-from serve.images import ImageService
-from serve.io_pools import IOPools
-from serve.jobs import JobService
 from serve.placement import ingress_deployment_options, replica_deployment_options
-from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
-from serve.resolver import AdapterResolver
+from serve.protocol import AdapterSpec, RenderedImage, RenderJob
+from serve.services import build_services
 
 APP_NAME = "brandfarm"
 log = logging.getLogger(__name__)
@@ -94,7 +83,6 @@ class DiffusionReplica:
         registry_uri = settings.resolved_mlflow_uri
 
         def via_mlflow(uri: str, folder: Path) -> Path:
-            from registry.adapters import AdapterRegistry
 
             return AdapterRegistry(registry_uri).fetch_weights_uri(uri, folder)
 
@@ -243,12 +231,6 @@ class ServeRenderer:
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: Settings, model: BaseModelInfo, replica: DeploymentHandle):
-        apply_mlflow_client_limits(settings)  # a slow MLflow fails a lookup; never stalls it
-        pools = IOPools.from_settings(settings)
-        engine = make_engine(settings.resolved_database_url)
-        tenants = TenantDirectory(engine)
-        store = ObjectStore.from_settings(settings)
-        registry = AdapterRegistry(settings.resolved_mlflow_uri)
         renders = metrics.Counter(
             "brandfarm_renders",
             description="Successful render requests, per tenant.",
@@ -264,33 +246,8 @@ class Ingress:
             renders.inc(tags={"tenant": tenant})
             rendered_images.inc(images, tags={"tenant": tenant})
 
-        images = ImageService(
-            limits=RenderLimits.from_settings(settings, model),
-            renderer=ServeRenderer(replica),
-            store=store,
-            tenants=tenants,
-            presign_expiry_s=settings.presign_expiry_s,
-            max_inflight_per_tenant=settings.max_inflight_per_tenant,
-            adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
-            on_rendered=on_rendered,
-            pools=pools,
-        )
-        files = FileCatalog(engine)
-        jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
         self._api = create_api(
-            ApiServices(
-                model=model,
-                tenants=tenants,
-                store=store,
-                images=images,
-                files=FileService(files, store, DatasetLimits.from_settings(settings)),
-                jobs=jobs,
-                adapters=AdapterService(registry, pools.registry),
-                max_request_bytes=settings.max_request_bytes,
-                # Room for the multipart envelope; the dataset's own limit is checked exactly.
-                max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
-                db_pool=pools.db,
-            )
+            build_services(settings, model, ServeRenderer(replica), on_rendered=on_rendered)
         )
 
     def __serve_build_asgi_app__(self):

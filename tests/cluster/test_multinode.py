@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,6 +37,10 @@ from serve.placement import replica_deployment_options
 from serve.protocol import RenderJob
 from serve.serve_config import APP_NAME
 from tests.conftest import farm_settings
+from tests.waiting import wait_for
+
+# Starts Ray (and more) for its own cluster: minutes, not the fast tier.
+pytestmark = pytest.mark.slow
 
 WORKERS = ("ray-worker-1", "ray-worker-2")
 # Small and quick on CPU; the built-in model renders 32px shapes.
@@ -81,16 +85,6 @@ def replicas(app: str, state: str = "ALIVE") -> list:
         detail=True,
         raise_on_missing_output=False,
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll until `condition()` holds; returns the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
-        time.sleep(0.25)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

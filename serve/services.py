@@ -1,0 +1,66 @@
+"""The API's services wired from `Settings`: the one place the Serve ingress and an in-process
+app (plain uvicorn, the fast tests) build them, with the same limits, timeouts and pools.
+"""
+
+from __future__ import annotations
+
+from finetune.datasets import DatasetLimits
+from finetune.launcher import JobLauncher
+from registry.adapters import AdapterRegistry
+from registry.base_models import BaseModelInfo
+from registry.db import make_engine
+from registry.files import FileCatalog
+from registry.jobs import JobStore
+from registry.settings import Settings, apply_mlflow_client_limits
+from registry.storage import ObjectStore
+from registry.tenants import TenantDirectory
+from serve.adapters import AdapterService
+from serve.api import ApiServices
+from serve.files import FileService
+from serve.images import ImageService, Renderer, RenderObserver
+from serve.io_pools import IOPools
+from serve.jobs import JobService
+from serve.protocol import RenderLimits
+from serve.resolver import AdapterResolver
+
+
+def build_services(
+    settings: Settings,
+    model: BaseModelInfo,
+    renderer: Renderer,
+    on_rendered: RenderObserver | None = None,
+) -> ApiServices:
+    """Everything `serve.api.create_api` needs, for fully resolved settings. Bounds this
+    process's MLflow client (`mlflow_request_timeout_s`, `mlflow_max_retries`)."""
+    apply_mlflow_client_limits(settings)  # a slow MLflow fails a lookup; never stalls it
+    pools = IOPools.from_settings(settings)
+    engine = make_engine(settings.resolved_database_url)
+    tenants = TenantDirectory(engine)
+    store = ObjectStore.from_settings(settings)
+    registry = AdapterRegistry(settings.resolved_mlflow_uri)
+    images = ImageService(
+        limits=RenderLimits.from_settings(settings, model),
+        renderer=renderer,
+        store=store,
+        tenants=tenants,
+        presign_expiry_s=settings.presign_expiry_s,
+        max_inflight_per_tenant=settings.max_inflight_per_tenant,
+        adapters=AdapterResolver(registry, settings.adapter_resolve_ttl_s),
+        on_rendered=on_rendered,
+        pools=pools,
+    )
+    files = FileCatalog(engine)
+    jobs = JobService(settings, model, JobStore(engine), files, store, JobLauncher(settings))
+    return ApiServices(
+        model=model,
+        tenants=tenants,
+        store=store,
+        images=images,
+        files=FileService(files, store, DatasetLimits.from_settings(settings)),
+        jobs=jobs,
+        adapters=AdapterService(registry, pools.registry),
+        max_request_bytes=settings.max_request_bytes,
+        # Room for the multipart envelope; the dataset's own limit is checked exactly.
+        max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
+        db_pool=pools.db,
+    )
