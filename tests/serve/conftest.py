@@ -117,9 +117,16 @@ def local_parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParts
     from serve.engine import DiffusionEngine
 
     state = tmp_path_factory.mktemp("local-api") / "state"
+    ports = dict(
+        zip(
+            Settings.service_port_fields(),
+            free_ports(len(Settings.service_port_fields())),
+            strict=True,
+        )
+    )
     base = Settings(
         state_dir=state,
-        s3_port=free_ports(1)[0],
+        **ports,
         base_model=TINY_RANDOM,
         device="cpu",
         startup_timeout_s=60,
@@ -131,11 +138,13 @@ def local_parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParts
     stack = LocalStack(base)
     stack.start("s3")
     try:
-        settings = stack.resolved_settings()
+        settings = stack.resolved_settings().model_copy(update={"mlflow_tracking_uri": None})
         model = ensure_base_model(TINY_RANDOM, state / "models", settings.max_image_side)
         engine = DiffusionEngine.load(model, "cpu")
         yield LocalParts(model, engine, stack, settings, state)
     finally:
+        if stack.component("mlflow").recorded_pid() is not None:  # a module started it
+            stack.component("mlflow").stop()
         stack.component("s3").stop()
         for k, v in saved.items():
             if v is None:
