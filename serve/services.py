@@ -56,7 +56,9 @@ def build_services(
         tenants=tenants,
         store=store,
         images=images,
-        files=FileService(files, store, DatasetLimits.from_settings(settings)),
+        files=FileService(
+            files, store, DatasetLimits.from_settings(settings), storage_pool=pools.storage
+        ),
         jobs=jobs,
         adapters=AdapterService(registry, pools.registry),
         max_request_bytes=settings.max_request_bytes,

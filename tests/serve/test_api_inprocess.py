@@ -384,3 +384,42 @@ def test_every_route_documents_its_errors_with_the_openai_error_model(local_part
     render = schema["paths"][RENDER]["post"]["responses"]
     assert {"404", "429", "503"} <= set(render)
     assert "503" in schema["paths"]["/v1/adapters"]["get"]["responses"]
+
+
+def test_files_and_jobs_in_process_with_the_cluster_unreachable(local_parts, tmp_path):
+    """Upload a real dataset, then create a job while no Ray cluster answers: 503
+    `cluster_unavailable`, the job recorded as failed, and no cluster address in either."""
+    from finetune.world import write_brand_zip
+
+    data = write_brand_zip(tmp_path / "acme.zip", "acme", n=4, seed=1).read_bytes()
+    services = local_parts.services()
+    key = new_tenant(services, "files-co")
+
+    async def go():
+        async with client(services, key) as c:
+            up = await c.post(
+                "/v1/files",
+                files={"file": ("acme.zip", data, "application/zip")},
+                data={"purpose": "fine-tune"},
+            )
+            listed = await c.get("/v1/files")
+            job = await c.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "training_file": up.json()["id"],
+                    "brand": "acme",
+                    "hyperparameters": {"steps": 2},
+                },
+            )
+            jobs = await c.get("/v1/fine_tuning/jobs")
+            return up, listed, job, jobs
+
+    up, listed, job, jobs = run(go())
+    assert up.status_code == 200, up.text
+    assert [f["id"] for f in listed.json()["data"]] == [up.json()["id"]]
+    assert job.status_code == 503, job.text
+    assert job.json()["error"]["code"] == "cluster_unavailable"
+    assert_no_internals(local_parts, job.text, local_parts.settings.ray_dashboard_url)
+    [record] = jobs.json()["data"]
+    assert record["status"] == "failed"
+    assert_no_internals(local_parts, json.dumps(record), local_parts.settings.ray_dashboard_url)
