@@ -5,6 +5,8 @@ exception (a generic 500 naming the request id; the detail goes to the log under
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -59,6 +61,17 @@ def internal_error_response() -> JSONResponse:
     )
 
 
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _usable_id(raw: bytes | None) -> str | None:
+    """A request id from a header, if it is safe to put in a log line."""
+    if raw is None:
+        return None
+    text = raw.decode("latin-1")
+    return text if _ID.match(text) else None
+
+
 class RequestIds:
     """Give each request an id (in the logs and the `X-Request-Id` response header), and answer
     an exception no handler took with a generic 500 instead of its text."""
@@ -70,7 +83,10 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_context.new_request_id()
+        # Behind Ray Serve the proxy has already given the request its id (in this header, and
+        # in Serve's own logs) and puts it on the response itself: reuse it, add nothing.
+        incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode())
+        rid = _usable_id(incoming) or request_context.new_request_id()
         request_context.request_id.set(rid)
         request_context.tenant_id.set(None)
         started = False
@@ -79,11 +95,11 @@ class RequestIds:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (REQUEST_ID_HEADER.lower().encode(), rid.encode()),
-                ]
+                if incoming is None:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (REQUEST_ID_HEADER.lower().encode(), rid.encode()),
+                    ]
             await send(message)
 
         try:

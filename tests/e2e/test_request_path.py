@@ -31,7 +31,7 @@ def test_hostile_bodies_are_400_naming_the_field(farm, key, raw, param):
         )
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
-    assert resp.headers["x-request-id"].startswith("req_")
+    assert resp.headers["x-request-id"]  # Serve's request id, also in the ingress's log lines
     assert farm.tenants.count_renders() == renders
 
 

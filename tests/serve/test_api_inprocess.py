@@ -423,3 +423,26 @@ def test_files_and_jobs_in_process_with_the_cluster_unreachable(local_parts, tmp
     [record] = jobs.json()["data"]
     assert record["status"] == "failed"
     assert_no_internals(local_parts, json.dumps(record), local_parts.settings.ray_dashboard_url)
+
+
+def test_an_upstream_request_id_is_reused_and_not_duplicated(local_parts, caplog):
+    """Behind Ray Serve the proxy names the request (and returns the id itself): the ingress
+    answers and logs under that id and adds no second header. An unsafe id is not used."""
+    services = local_parts.services()
+    key = new_tenant(services, "upstream-id-co")
+    with sqlite3.connect(services.tenants.engine.url.database) as db:
+        db.execute("DROP TABLE api_keys")  # authentication fails unexpectedly: a 500
+
+    async def go():
+        async with client(services, key) as c:
+            reused = await c.get("/v1/models", headers={"X-Request-Id": "serve-abc-123"})
+            unsafe = await c.get("/v1/models", headers={"X-Request-Id": "not an id; DROP"})
+            return reused, unsafe
+
+    with caplog.at_level(logging.ERROR):
+        reused, unsafe = run(go())
+    assert reused.status_code == 500 and "serve-abc-123" in reused.json()["error"]["message"]
+    assert reused.headers.get_list("x-request-id") == []  # Serve's proxy adds it
+    assert any("serve-abc-123" in rec.getMessage() for rec in caplog.records)
+    assert unsafe.status_code == 500 and "DROP" not in unsafe.json()["error"]["message"]
+    assert re.search(r"req_[0-9a-f]{16}", unsafe.json()["error"]["message"])
