@@ -47,6 +47,27 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _database_problem(url: str, timeout_s: float) -> list[str]:
+    """[] if the database at `url` accepts a connection, else what to fix (no password shown)."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    args = {} if url.startswith("sqlite") else {"connect_args": {"connect_timeout": 10}}
+    engine = sa.create_engine(url, **args)
+    try:
+        with engine.connect():
+            return []
+    except Exception as e:  # noqa: BLE001 - any driver's failure means: cannot reach it
+        reason = str(e).splitlines()[0][:200]
+        return [
+            f"the database {shown} cannot be reached ({reason}); check database_url "
+            "(BRANDFARM_DATABASE_URL)"
+        ]
+    finally:
+        engine.dispose()
+
+
 # A Ray node keeps nothing worth a long grace (the GCS holds no durable state here), and a head
 # whose GCS is gone leaves its raylet waiting on TERM for half a minute: KILL after 5 s.
 RAY_STOP_TIMEOUT_S = 5.0
@@ -300,9 +321,29 @@ class LocalStack:
     def base_model(self, s: Settings) -> BaseModelInfo:
         return ensure_base_model(s.base_model, self.state / "models", s.max_image_side)
 
+    def check_external(self, s: Settings) -> None:
+        """Refuse to start when an external dependency does not answer, naming the setting to
+        fix (before anything is started, so nothing is left half up)."""
+        problems = []
+        if s.database_url:
+            problems += _database_problem(s.database_url, s.startup_timeout_s)
+        if s.s3_endpoint and not ObjectStore.from_settings(s).ping():
+            problems.append(
+                f"the S3 endpoint {s.s3_endpoint} does not answer (or refuses the credentials); "
+                "check s3_endpoint, s3_access_key and s3_secret_key (BRANDFARM_S3_*)"
+            )
+        if s.mlflow_tracking_uri and not http_ok(f"{s.mlflow_tracking_uri.rstrip('/')}/health"):
+            problems.append(
+                f"MLflow at {s.mlflow_tracking_uri} does not answer /health; check "
+                "mlflow_tracking_uri (BRANDFARM_MLFLOW_TRACKING_URI)"
+            )
+        if problems:
+            raise StackError("; ".join(problems))
+
     def up(self, redeploy: bool = False) -> Settings:
         """Start everything not external; returns the resolved settings the farm runs with."""
         s = self.resolved_settings(create=True)
+        self.check_external(s)
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         for component in self._components(s):
             self.progress(f"starting {component.spec.name}{_where(component.spec)}")
