@@ -154,9 +154,11 @@ class ImageService:
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
-        adapter = await self._resolve(tenant_id, req)
-        job = dataclasses.replace(job, adapter=adapter)
+        # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
+        # queue more than its share of lookups on the registry's pool.
         async with self._slot(tenant_id, len(job.seeds)):
+            adapter = await self._resolve(tenant_id, req)
+            job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
             render_id = secrets.token_hex(12)
             try:
