@@ -25,6 +25,7 @@ from cluster.topology import Topology, alive_nodes, local_worker_resource, read_
 from registry.base_models import BaseModelInfo, ensure_base_model
 from registry.settings import Settings, child_env
 from registry.storage import ObjectStore
+from serve.serve_config import http_options
 
 Progress = Callable[[str], None]
 
@@ -321,32 +322,35 @@ class LocalStack:
         return ensure_base_model(s.base_model, self.state / "models", s.max_image_side)
 
     def check_external(self, s: Settings) -> None:
-        """Fail fast, naming the setting to fix, when a service configured as external (or the
+        """Fail fast, naming each setting to fix, when a service configured as external (or the
         database) does not answer; before anything is started."""
+        problems = []
         if s.s3_endpoint and not ObjectStore.from_settings(s).ping():
-            raise StackError(
+            problems.append(
                 "the object store configured by s3_endpoint (BRANDFARM_S3_ENDPOINT) cannot be "
                 "reached, or refuses s3_access_key/s3_secret_key, or has no bucket s3_bucket "
                 f"({s.s3_bucket}); fix those settings or unset s3_endpoint to run the embedded one"
             )
         if s.mlflow_tracking_uri and not http_ok(f"{s.resolved_mlflow_uri}/health", timeout=5):
-            raise StackError(
+            problems.append(
                 "the MLflow server configured by mlflow_tracking_uri "
                 "(BRANDFARM_MLFLOW_TRACKING_URI) does not answer /health; fix it or unset it to "
                 "run the embedded one"
             )
         if s.ray_address and not http_ok(f"{s.ray_dashboard_url}/api/version", timeout=5):
-            raise StackError(
+            problems.append(
                 "the Ray cluster named by ray_address (BRANDFARM_RAY_ADDRESS or RAY_ADDRESS) "
                 f"does not answer on its dashboard port {s.ray_dashboard_port} "
                 "(ray_dashboard_port); fix either, or unset ray_address to start a local head"
             )
         problem = database_problem(s.resolved_database_url)
         if problem:
-            raise StackError(
+            problems.append(
                 f"the database named by database_url (BRANDFARM_DATABASE_URL) {problem}; "
                 "fix the URL or unset it to use SQLite in the state directory"
             )
+        if problems:
+            raise StackError("; ".join(problems))
 
     def up(self, redeploy: bool = False) -> Settings:
         """Start everything not external; returns the resolved settings the farm runs with."""
@@ -383,7 +387,7 @@ class LocalStack:
 
         ray.init(address=self.ray_address(s), logging_level="ERROR", log_to_driver=False)
         try:
-            serve.start(http_options={"host": s.host, "port": s.api_port})
+            serve.start(http_options=http_options(s))
             serve.run(build_app(s, model), name=APP_NAME, route_prefix="/", blocking=False)
             deadline = time.monotonic() + s.startup_timeout_s
             while not self._api_serves(s, model):

@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 
 PRODUCTION = "production"  # the alias a bare brand ("acme") resolves to
+#: The highest version a registry can hold: MLflow stores versions as a signed 32-bit SQL
+#: integer, so a reference above this cannot exist and is refused without asking MLflow.
+MAX_VERSION = 2**31 - 1
 
 # Tenant ids and brands share one shape; it holds no LIKE wildcard (`%`, `_`), quote or dot.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -41,8 +44,8 @@ def check_alias(alias: str) -> str:
 
 
 def check_version(version: int) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version {version!r} is invalid: use a positive integer")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"version {version!r} is invalid: use an integer from 1 to {MAX_VERSION}")
     return version
 
 
@@ -74,10 +77,15 @@ class AdapterRef:
             )
         brand, alias, version = match.group("brand", "alias", "version")
         if version is not None:
-            if not (version.isascii() and version.isdigit()) or int(version) < 1:
+            # Length first: int() of a huge digit string is slow, and refused past 4300 digits.
+            if (
+                not (version.isascii() and version.isdigit())
+                or len(version) > len(str(MAX_VERSION))
+                or not 1 <= int(version) <= MAX_VERSION
+            ):
                 raise ValueError(
-                    f"adapter reference {text!r}: the version after ':' must be a positive "
-                    "integer (e.g. 'acme:3')"
+                    f"adapter reference {text!r}: the version after ':' must be an integer "
+                    f"from 1 to {MAX_VERSION} (e.g. 'acme:3')"
                 )
             return cls(brand, version=int(version))
         return cls(brand, alias=PRODUCTION if alias is None else alias)

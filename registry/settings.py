@@ -209,6 +209,42 @@ class Settings(BaseSettings):
     max_inflight_per_tenant: int = Field(
         8, ge=1, description="Renders one tenant may have in flight at once (429 above)."
     )
+    ingress_max_ongoing_requests: int = Field(
+        256,
+        ge=2,
+        le=100_000,
+        description="Requests the API ingress admits at once (Serve's max_ongoing_requests); "
+        "must exceed max_inflight_per_tenant, or bursts queue at the proxy instead of getting 429.",
+    )
+
+    # --- timeouts and isolation ---------------------------------------------------------------
+    request_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Serve's end-to-end HTTP request timeout, seconds."
+    )
+    mlflow_request_timeout_s: int = Field(
+        5, ge=1, le=600, description="Timeout of each MLflow HTTP call the API makes, seconds."
+    )
+    mlflow_max_retries: int = Field(
+        1, ge=0, le=10, description="Retries of a failed MLflow call on the request path."
+    )
+    s3_connect_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Timeout to connect to the S3 endpoint, seconds."
+    )
+    s3_read_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Timeout of each S3 read (between bytes), seconds."
+    )
+    s3_max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of an S3 call on connection errors and 502-504."
+    )
+    registry_io_threads: int = Field(
+        8, ge=1, le=256, description="Ingress threads for MLflow registry calls (own pool)."
+    )
+    storage_io_threads: int = Field(
+        16, ge=1, le=256, description="Ingress threads for object-store calls (own pool)."
+    )
+    db_io_threads: int = Field(
+        8, ge=1, le=256, description="Ingress threads for database calls (own pool)."
+    )
     # --- brand adapters at render time (hot-swap) ---------------------------------------------
     adapter_resolve_ttl_s: float = Field(
         2.0,
@@ -222,19 +258,6 @@ class Settings(BaseSettings):
         le=86400,
         description="While MLflow is unreachable, how long after its lookup an alias's last "
         "answer may still serve renders (0: never; the render gets 503).",
-    )
-    registry_http_timeout_s: int = Field(
-        10,
-        gt=0,
-        le=600,
-        description="Timeout of each MLflow HTTP call made on a request path (ingress, replicas).",
-    )
-    registry_http_retries: int = Field(
-        1,
-        ge=0,
-        le=10,
-        description="Retries of an MLflow HTTP call on a request path (MLflow's own default, 7 "
-        "with exponential backoff, holds a request for ~4 minutes while MLflow is down).",
     )
     max_adapters_per_replica: int = Field(
         4, ge=1, le=256, description="Adapters a replica keeps loaded in its pipeline at once."
@@ -396,6 +419,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _ingress_admits_more_than_a_tenant(self) -> Settings:
+        if self.ingress_max_ongoing_requests <= self.max_inflight_per_tenant:
+            raise ValueError(
+                f"ingress_max_ongoing_requests={self.ingress_max_ongoing_requests} must be above "
+                f"max_inflight_per_tenant={self.max_inflight_per_tenant}: otherwise a tenant's "
+                "burst queues at the proxy and never gets its 429; raise it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _replica_placement_consistent(self) -> Settings:
         if self.autoscale:
             self._check_autoscaling()
@@ -505,12 +538,12 @@ class Settings(BaseSettings):
     def resolved_secrets_file(self) -> Path:
         return (self.secrets_file or self.state_path / "secrets.json").expanduser().resolve()
 
-    def registry_client_env(self) -> dict[str, str]:
-        """MLflow client variables for processes on a request path (the Serve ingress and
-        replicas): MLflow reads its HTTP timeout and retries from the environment only."""
+    def mlflow_client_env(self) -> dict[str, str]:
+        """MLflow's client reads its HTTP timeout and retries from the environment only."""
         return {
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.registry_http_timeout_s),
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.registry_http_retries),
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.mlflow_request_timeout_s),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.mlflow_max_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         }
 
     @property
@@ -590,6 +623,13 @@ def load_settings(**overrides: object) -> Settings:
 
 # No process of the farm phones home (MLflow 3 telemetry); Ray workers inherit this from the head.
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def apply_mlflow_client_limits(settings: Settings) -> None:
+    """Bound this process's MLflow calls (`mlflow_request_timeout_s`, `mlflow_max_retries`).
+    For the API's process: MLflow's defaults retry a failing call for minutes. Fine-tune jobs
+    keep MLflow's patient defaults for their long uploads."""
+    os.environ.update(settings.mlflow_client_env())
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

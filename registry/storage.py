@@ -50,13 +50,26 @@ def render_key(tenant_id: str, render_id: str, index: int) -> str:
     return f"{tenant_prefix(tenant_id)}renders/{render_id}/{index}.png"
 
 
-def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Minio:
+@dataclass(frozen=True)
+class StoreTimeouts:
+    """Bounds on every S3 call: a dead or hung endpoint fails the call, never stalls it."""
+
+    connect_s: float = 5.0
+    read_s: float = 30.0
+    retries: int = 2
+
+
+def _client(
+    endpoint: str, access_key: str, secret_key: str, region: str, timeouts: StoreTimeouts
+) -> Minio:
     parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
     if not parts.netloc:
         raise ValueError(f"invalid S3 endpoint {endpoint!r}")
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=5, read=60),
-        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+        timeout=urllib3.Timeout(connect=timeouts.connect_s, read=timeouts.read_s),
+        retries=urllib3.Retry(
+            total=timeouts.retries, backoff_factor=0.2, status_forcelist=[502, 503, 504]
+        ),
         maxsize=16,
     )
     return Minio(
@@ -80,13 +93,14 @@ class ObjectStore:
         bucket: str,
         region: str = "us-east-1",
         public_endpoint: str | None = None,
+        timeouts: StoreTimeouts = StoreTimeouts(),
     ) -> None:
         self.endpoint = endpoint
         self.bucket = bucket
-        self._client = _client(endpoint, access_key, secret_key, region)
+        self._client = _client(endpoint, access_key, secret_key, region, timeouts)
         # Presigning is pure computation (region given), so a client for the public host is cheap.
         self._presigner = (
-            _client(public_endpoint, access_key, secret_key, region)
+            _client(public_endpoint, access_key, secret_key, region, timeouts)
             if public_endpoint
             else self._client
         )
@@ -106,6 +120,11 @@ class ObjectStore:
             bucket=bucket or settings.s3_bucket,
             region=settings.s3_region,
             public_endpoint=settings.s3_public_endpoint,
+            timeouts=StoreTimeouts(
+                connect_s=settings.s3_connect_timeout_s,
+                read_s=settings.s3_read_timeout_s,
+                retries=settings.s3_max_retries,
+            ),
         )
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -115,7 +134,14 @@ class ObjectStore:
             if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
                 raise ObjectNotFound(f"{what}: {e.code}") from e
             raise StorageError(f"{what} failed on {self.endpoint}: {e.code} {e.message}") from e
-        except (InvalidResponseError, ServerError) as e:
+        except InvalidResponseError as e:
+            # Some servers (rclone's GET of a missing key) answer 404 with an error body minio
+            # cannot parse; the status still says "no such object". minio keeps it private,
+            # and `__reduce__` is its public way out: (status, content type, body).
+            if e.__reduce__()[1][0] == 404:
+                raise ObjectNotFound(f"{what}: not found") from e
+            raise StorageError(f"{what} failed on {self.endpoint}: {e}") from e
+        except ServerError as e:
             raise StorageError(f"{what} failed on {self.endpoint}: {e}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise StorageError(f"{what}: object store at {self.endpoint} unreachable: {e}") from e

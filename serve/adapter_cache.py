@@ -29,6 +29,9 @@ from urllib.parse import urlsplit
 
 from serve.errors import APIError
 from serve.protocol import AdapterSpec
+from serve.request_context import request_logger
+
+log = request_logger(__name__)
 
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
 
@@ -62,37 +65,51 @@ class AdapterLoadError(Exception):
 
 
 def _adapter_error(
-    status: int, code: str, spec: AdapterSpec, what: str, then: str
+    status: int, code: str, spec: AdapterSpec, what: str, then: str, detail: str
 ) -> AdapterLoadError:
+    # The detail (a storage endpoint, an object key, a library's exception) goes to this
+    # process's log only: the tenant's message says what failed and what to do.
+    log.warning("adapter %s: %s: %s", spec.model_id, code, detail)
     return AdapterLoadError(
         status, code, f"adapter {spec.brand!r} version {spec.version} {what}; {then}"
     )
 
 
-def adapter_corrupt(spec: AdapterSpec, detail: str) -> AdapterLoadError:
+def adapter_corrupt(spec: AdapterSpec, detail: str, shown: str | None = None) -> AdapterLoadError:
+    """`shown`: a part of the detail that is safe and useful to the tenant (e.g. checksums)."""
     return _adapter_error(
         500,
         "adapter_corrupt",
         spec,
-        f"failed its integrity check ({detail})",
+        f"failed its integrity check ({shown})" if shown else "failed its integrity check",
         "it was not used. Register the adapter again (re-run its fine-tune job).",
+        detail,
     )
 
 
-def adapter_incompatible(spec: AdapterSpec, detail: str) -> AdapterLoadError:
-    detail = detail if len(detail) <= 300 else detail[:300] + "..."
+def adapter_incompatible(
+    spec: AdapterSpec, detail: str, shown: str | None = None
+) -> AdapterLoadError:
     return _adapter_error(
         500,
         "adapter_incompatible",
         spec,
-        f"does not fit this farm's base model ({detail})",
+        f"does not fit this farm's base model ({shown})"
+        if shown
+        else "does not fit this farm's base model",
         "it was not used. Fine-tune it again on the served base model.",
+        detail,
     )
 
 
 def adapter_unreachable(spec: AdapterSpec, detail: str) -> AdapterLoadError:
     return _adapter_error(
-        503, "storage_unavailable", spec, f"could not be fetched ({detail})", "retry shortly"
+        503,
+        "storage_unavailable",
+        spec,
+        "could not be fetched from storage",
+        "retry shortly",
+        detail,
     )
 
 
@@ -138,7 +155,8 @@ def parse_weights(spec: AdapterSpec, data: bytes) -> AdapterWeights:
     """Check `data` against the spec's sha256, then parse it as safetensors."""
     got = hashlib.sha256(data).hexdigest()
     if got != spec.sha256:
-        raise adapter_corrupt(spec, f"sha256 is {got}, the registry says {spec.sha256}")
+        mismatch = f"sha256 is {got}, the registry says {spec.sha256}"
+        raise adapter_corrupt(spec, mismatch, shown=mismatch)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -147,9 +165,11 @@ def parse_weights(spec: AdapterSpec, data: bytes) -> AdapterWeights:
         raw = safetensors_metadata(data).get(LORA_METADATA_KEY)
         metadata = json.loads(raw) if raw else None
     except (SafetensorError, ValueError) as e:
-        raise adapter_corrupt(spec, f"not a safetensors file: {e}") from None
+        raise adapter_corrupt(
+            spec, f"not a safetensors file: {e}", shown="not a safetensors file"
+        ) from None
     if not state_dict:
-        raise adapter_incompatible(spec, "the file holds no tensors")
+        raise adapter_incompatible(spec, "no tensors", shown="the file holds no tensors")
     nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     return AdapterWeights(spec.model_id, spec.sha256, state_dict, nbytes, metadata)
 
@@ -245,7 +265,9 @@ class AdapterFetcher:
                 return self.store.get_bytes(key)
             except ObjectNotFound:
                 if self.download_via_mlflow is None:
-                    raise adapter_corrupt(spec, f"no object at {spec.weights_uri}") from None
+                    raise adapter_corrupt(
+                        spec, f"no object at {spec.weights_uri}", shown="its weights are missing"
+                    ) from None
             except StorageError as e:
                 raise adapter_unreachable(spec, str(e)) from None
         if self.download_via_mlflow is None:

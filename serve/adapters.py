@@ -6,15 +6,23 @@ version. Serving reads aliases on the next request; nothing is redeployed.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from registry.adapters import AdapterNotFound, AdapterRegistry, AdapterVersion
-from serve.errors import APIError, InvalidField
+from registry.adapter_refs import MAX_VERSION, check_alias, check_name
+from registry.adapters import AdapterNotFound, AdapterRegistry, AdapterVersion, RegistryError
+from serve.errors import APIError, InvalidField, registry_unavailable
+from serve.io_pools import BlockingPool
+from serve.protocol import STRICT_BODY
+from serve.request_context import request_logger
+
+log = request_logger(__name__)
 
 
 class AliasRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = Field(description="The version the alias points to from now on.")
+    model_config = STRICT_BODY
+    version: int = Field(
+        ge=1, le=MAX_VERSION, description="The version the alias points to from now on."
+    )
 
 
 def version_object(v: AdapterVersion) -> dict:
@@ -30,10 +38,14 @@ def version_object(v: AdapterVersion) -> dict:
 
 
 class AdapterService:
-    def __init__(self, registry: AdapterRegistry) -> None:
-        self.registry = registry
+    """Every registry call runs on the registry's own thread pool, bounded by MLflow's client
+    timeout; MLflow down or hung is a 503 `registry_unavailable`, never a 500."""
 
-    def list(self, tenant_id: str) -> dict:
+    def __init__(self, registry: AdapterRegistry, pool: BlockingPool | None = None) -> None:
+        self.registry = registry
+        self.pool = pool or BlockingPool("registry", 4)
+
+    def _list(self, tenant_id: str) -> dict:
         data = []
         for brand in self.registry.brands(tenant_id):
             versions = self.registry.versions(tenant_id, brand)
@@ -46,12 +58,29 @@ class AdapterService:
             )
         return {"object": "list", "data": data}
 
-    def set_alias(self, tenant_id: str, brand: str, alias: str, req: AliasRequest) -> dict:
+    async def list(self, tenant_id: str) -> dict:
         try:
-            self.registry.set_alias(tenant_id, brand, alias, req.version)
-            version = self.registry.get(tenant_id, brand, req.version)
+            return await self.pool.run(self._list, tenant_id)
+        except RegistryError as e:
+            log.error("listing adapters failed: %s", e)
+            raise registry_unavailable() from None
+
+    async def set_alias(self, tenant_id: str, brand: str, alias: str, req: AliasRequest) -> dict:
+        for param, check in (
+            ("brand", lambda: check_name("brand", brand)),
+            ("alias", lambda: check_alias(alias)),
+        ):
+            try:
+                check()
+            except ValueError as e:
+                raise InvalidField(param, str(e)) from None
+        try:
+            version = await self.pool.run(
+                self.registry.set_alias, tenant_id, brand, alias, req.version
+            )
         except AdapterNotFound as e:
-            raise APIError(404, str(e), param="brand", code="adapter_not_found") from e
-        except ValueError as e:
-            raise InvalidField("alias", str(e)) from e
+            raise APIError(404, str(e), param="brand", code="adapter_not_found") from None
+        except RegistryError as e:
+            log.error("setting alias %s of %s failed: %s", alias, brand, e)
+            raise registry_unavailable() from None
         return version_object(version)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,12 +17,40 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from registry.base_models import BaseModelInfo
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
+from serve import request_context
 from serve.adapters import AdapterService, AliasRequest
-from serve.errors import APIError, error_response, install_error_handlers
+from serve.error_handlers import RequestIds, error_response, install_error_handlers
+from serve.errors import APIError, ErrorResponse
 from serve.files import FileService
 from serve.images import ImageService
+from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
-from serve.protocol import ImageGenerationRequest
+from serve.protocol import ImageGenerationRequest, Text
+
+#: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
+MAX_EVENT_ID = 2**63 - 1
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: the message names the field and the limit.",
+    401: "Missing, incorrect or revoked API key.",
+    403: "Not allowed for this tenant (a plan limit).",
+    404: "No such object for this tenant (another tenant's objects read the same).",
+    409: "Conflicts with the object's state.",
+    413: "Request body over the limit.",
+    429: "Over a rate or quota limit; see Retry-After.",
+    500: "An adapter that cannot be used, or an internal error (with a request id).",
+    503: "A dependency (object store, adapter registry, render capacity, cluster) is "
+    "unavailable; retry after Retry-After.",
+}
+_ALWAYS = (400, 401, 413, 500)
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for a route: its error statuses with the OpenAI error model."""
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+        for status in sorted({*_ALWAYS, *statuses})
+    }
 
 
 @dataclass
@@ -36,6 +64,7 @@ class ApiServices:
     adapters: AdapterService
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
+    db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -76,7 +105,7 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
-def authenticated_tenant(request: Request) -> str:
+async def authenticated_tenant(request: Request) -> str:
     """The tenant of the request's bearer key; 401 without a valid, unrevoked key."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -88,17 +117,39 @@ def authenticated_tenant(request: Request) -> str:
             code="missing_api_key",
         )
     services: ApiServices = request.app.state.services
-    tenant = services.tenants.authenticate(key.strip())
+    tenant = await services.db_pool.run(services.tenants.authenticate, key.strip())
     if tenant is None:
         raise APIError(401, "incorrect or revoked API key", code="invalid_api_key")
+    request_context.tenant_id.set(tenant)
     return tenant
 
 
 Tenant = Annotated[str, Depends(authenticated_tenant)]
 
 
+def _without_422(app: FastAPI) -> None:
+    """Validation errors answer 400 (OpenAI's status), so FastAPI's automatic 422 entries and
+    their models are dropped from the schema."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_api(services: ApiServices) -> FastAPI:
     app = FastAPI(title="brandfarm", version="0.1.0")
+    if services.db_pool is None:
+        services.db_pool = BlockingPool("db", 4)
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(
@@ -106,14 +157,16 @@ def create_api(services: ApiServices) -> FastAPI:
         max_bytes=services.max_request_bytes,
         per_path={"/v1/files": services.max_upload_bytes},
     )
+    app.add_middleware(RequestIds)  # added last: outermost, so every answer carries the id
+    _without_422(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=documented(503))
     def healthz() -> JSONResponse:
         if not services.store.ping():
             return error_response(503, "object store unreachable", None, "storage_unavailable")
         return JSONResponse({"status": "ok", "model": services.model.id})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented())
     def list_models(_: Tenant) -> dict:
         return {
             "object": "list",
@@ -128,32 +181,32 @@ def create_api(services: ApiServices) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", responses=documented(403, 404, 429, 503))
     async def generate_images(body: ImageGenerationRequest, tenant: Tenant) -> dict:
         return (await services.images.generate(tenant, body)).to_dict()
 
-    @app.post("/v1/files")
+    @app.post("/v1/files", responses=documented(403, 429, 503))
     async def upload_file(
         tenant: Tenant,
         file: Annotated[UploadFile, Form(description="The dataset zip.")],
-        purpose: Annotated[str, Form(description="Must be `fine-tune`.")],
+        purpose: Annotated[Text, Form(max_length=64, description="Must be `fine-tune`.")],
     ) -> dict:
         data = await file.read()
         return await services.files.upload(tenant, file.filename or "upload.zip", purpose, data)
 
-    @app.get("/v1/files")
+    @app.get("/v1/files", responses=documented(503))
     def list_files(tenant: Tenant) -> dict:
         return services.files.list(tenant)
 
-    @app.get("/v1/files/{file_id}")
+    @app.get("/v1/files/{file_id}", responses=documented(404, 503))
     def get_file(file_id: str, tenant: Tenant) -> dict:
         return services.files.get(tenant, file_id)
 
-    @app.delete("/v1/files/{file_id}")
+    @app.delete("/v1/files/{file_id}", responses=documented(404, 503))
     def delete_file(file_id: str, tenant: Tenant) -> dict:
         return services.files.delete(tenant, file_id)
 
-    @app.post("/v1/fine_tuning/jobs")
+    @app.post("/v1/fine_tuning/jobs", responses=documented(403, 404, 409, 429, 503))
     def create_job(
         body: FineTuneJobRequest,
         tenant: Tenant,
@@ -161,32 +214,45 @@ def create_api(services: ApiServices) -> FastAPI:
     ) -> dict:
         return services.jobs.create(tenant, body, idempotency_key)
 
-    @app.get("/v1/fine_tuning/jobs")
-    def list_jobs(tenant: Tenant, after: str | None = None, limit: int = 20) -> dict:
+    @app.get("/v1/fine_tuning/jobs", responses=documented(503))
+    def list_jobs(
+        tenant: Tenant,
+        after: Annotated[
+            Text | None, Query(max_length=255, description="A job id: list the jobs after it.")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+    ) -> dict:
         return services.jobs.list(tenant, after, limit)
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    @app.get("/v1/fine_tuning/jobs/{job_id}", responses=documented(404, 503))
     def get_job(job_id: str, tenant: Tenant) -> dict:
         return services.jobs.get(tenant, job_id)
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    def job_events(job_id: str, tenant: Tenant, after: int = 0, limit: int = 100) -> dict:
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", responses=documented(404, 503))
+    def job_events(
+        job_id: str,
+        tenant: Tenant,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_EVENT_ID, description="An event id: list the events after it.")
+        ] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Events per page.")] = 100,
+    ) -> dict:
         return services.jobs.events(tenant, job_id, after, limit)
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", responses=documented(404, 503))
     def job_checkpoints(job_id: str, tenant: Tenant) -> dict:
         return services.jobs.checkpoints(tenant, job_id)
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=documented(404, 409, 503))
     def cancel_job(job_id: str, tenant: Tenant) -> dict:
         return services.jobs.cancel(tenant, job_id)
 
-    @app.get("/v1/adapters")
-    def list_adapters(tenant: Tenant) -> dict:
-        return services.adapters.list(tenant)
+    @app.get("/v1/adapters", responses=documented(503))
+    async def list_adapters(tenant: Tenant) -> dict:
+        return await services.adapters.list(tenant)
 
-    @app.post("/v1/adapters/{brand}/aliases/{alias}")
-    def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
-        return services.adapters.set_alias(tenant, brand, alias, body)
+    @app.post("/v1/adapters/{brand}/aliases/{alias}", responses=documented(404, 503))
+    async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
+        return await services.adapters.set_alias(tenant, brand, alias, body)
 
     return app

@@ -18,19 +18,10 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from finetune.datasets import DatasetLimits
-from finetune.job import discard_job_objects
-from finetune.launcher import JobLauncher
 from registry.adapters import AdapterRegistry
 from registry.base_models import BaseModelInfo
-from registry.db import make_engine
-from registry.files import FileCatalog
-from registry.jobs import JobStore
-from registry.limits import TenantLimits
-from registry.retention import RetentionSweeper
 from registry.settings import Settings
 from registry.storage import ObjectStore
-from registry.tenants import TenantDirectory
 from serve import replica_state
 from serve.adapter_cache import (
     AdapterFetcher,
@@ -39,17 +30,11 @@ from serve.adapter_cache import (
     HostAdapterCache,
     parse_weights,
 )
-from serve.adapters import AdapterService
-from serve.api import ApiServices, create_api
+from serve.api import create_api
 from serve.errors import ServiceUnavailable
-from serve.files import FileService
-from serve.images import ImageService
-from serve.jobs import JobService
-from serve.limits import LimitGuard
 from serve.placement import ingress_deployment_options, replica_deployment_options
-from serve.protocol import AdapterSpec, RenderedImage, RenderJob, RenderLimits
-from serve.reconciler import JobReconciler
-from serve.resolver import AdapterResolver
+from serve.protocol import AdapterSpec, RenderedImage, RenderJob
+from serve.services import build_services, start_background_work
 
 APP_NAME = "brandfarm"
 log = logging.getLogger(__name__)
@@ -129,7 +114,6 @@ class DiffusionReplica:
         registry_uri = settings.resolved_mlflow_uri
 
         def via_mlflow(uri: str, folder: Path) -> Path:
-            from registry.adapters import AdapterRegistry
 
             return AdapterRegistry(registry_uri).fetch_weights_uri(uri, folder)
 
@@ -256,8 +240,14 @@ class ServeRenderer:
 
     async def render(self, job: RenderJob) -> list[RenderedImage]:
         model_id = job.adapter.model_id if job.adapter else ""
+        response = self.handle.options(multiplexed_model_id=model_id).render.remote(job)
         try:
-            return await self.handle.options(multiplexed_model_id=model_id).render.remote(job)
+            return await response
+        except asyncio.CancelledError:
+            # The client went away (Serve cancels the ingress request): cancel the render too,
+            # so the replica does not keep working for no one.
+            response.cancel()
+            raise
         except (BackPressureError, DeploymentUnavailableError) as e:
             raise ServiceUnavailable("no render capacity available right now", "overloaded") from e
         except RayActorError as e:
@@ -280,16 +270,6 @@ class ServeRenderer:
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: Settings, model: BaseModelInfo, replica: DeploymentHandle):
-        engine = make_engine(settings.resolved_database_url)
-        tenants = TenantDirectory(engine)
-        store = ObjectStore.from_settings(settings)
-        registry = AdapterRegistry(settings.resolved_mlflow_uri)
-        guard = LimitGuard(TenantLimits(settings, tenants, store))
-        # Expired renders' bytes leave this replica's stored-bytes total at once.
-        self._retention = RetentionSweeper(
-            settings, tenants, store, on_deleted=lambda tenant, n: guard.stored(tenant, -n)
-        )
-        self._retention.start()
         renders = metrics.Counter(
             "brandfarm_renders",
             description="Successful render requests, per tenant.",
@@ -305,42 +285,11 @@ class Ingress:
             renders.inc(tags={"tenant": tenant})
             rendered_images.inc(images, tags={"tenant": tenant})
 
-        images = ImageService(
-            limits=RenderLimits.from_settings(settings, model),
-            renderer=ServeRenderer(replica),
-            store=store,
-            tenants=tenants,
-            presign_expiry_s=settings.presign_expiry_s,
-            max_inflight_per_tenant=settings.max_inflight_per_tenant,
-            adapters=AdapterResolver(
-                registry, settings.adapter_resolve_ttl_s, settings.adapter_stale_serve_s
-            ),
-            on_rendered=on_rendered,
-            tenant_limits=guard,
-        )
-        files = FileCatalog(engine)
-        launcher = JobLauncher(settings)
-        jobs = JobService(settings, model, JobStore(engine), files, store, launcher, guard)
-        # Job records follow their Ray jobs (and the outbox gets submitted) from here on.
-        self._stop_reconciler = JobReconciler(
-            JobStore(engine),
-            launcher,
-            settings.job_reconcile_interval_s,
-            on_ended=lambda job: discard_job_objects(store, job),
-        ).start()
-        self._api = create_api(
-            ApiServices(
-                model=model,
-                tenants=tenants,
-                store=store,
-                images=images,
-                files=FileService(files, store, DatasetLimits.from_settings(settings), guard),
-                jobs=jobs,
-                adapters=AdapterService(registry),
-                max_request_bytes=settings.max_request_bytes,
-                # Room for the multipart envelope; the dataset's own limit is checked exactly.
-                max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
-            )
+        services = build_services(settings, model, ServeRenderer(replica), on_rendered=on_rendered)
+        # Job records follow their Ray jobs (the outbox gets submitted) and old renders expire,
+        # from this replica on; both are idempotent across ingress replicas.
+        self._background = start_background_work(settings, services)
+        self._api = create_api(services
         )
 
     def __serve_build_asgi_app__(self):

@@ -1,19 +1,14 @@
 """API errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
-Every error leaving the API goes through `error_response`, whatever raised it (our checks,
-FastAPI's validation, Starlette's 404/405, an unexpected exception).
+The exceptions services raise and the body they become, with no web framework: the engine and
+the request/job dataclasses import this module, and `serve.error_handlers` turns these into
+responses. A message says what is wrong and what to do; it never carries an internal URL, host,
+path or exception class (those go to the logs, tagged with the request id).
 """
 
 from __future__ import annotations
 
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
+from pydantic import BaseModel, Field
 
 _TYPES = {
     400: "invalid_request_error",
@@ -21,6 +16,7 @@ _TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -67,65 +63,51 @@ class StorageUnavailable(APIError):
 
     def __init__(self, retry: str = "retry shortly") -> None:
         super().__init__(
-            503, f"the object store is unavailable; {retry}", code="storage_unavailable"
+            503,
+            f"the object store is unavailable; {retry}",
+            code="storage_unavailable",
+            headers={"Retry-After": "2"},
         )
 
 
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {
+def registry_unavailable() -> ServiceUnavailable:
+    """MLflow did not answer in time or refused: every adapter route answers this."""
+    return ServiceUnavailable("the adapter registry is unavailable", "registry_unavailable")
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def _printable(text: str | None) -> str | None:
+    """`text` as valid UTF-8: a lone surrogate a client sent (say, as a field name) is escaped,
+    so that the error about it can itself be encoded."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    return {
         "error": {
-            "message": message,
-            "type": _TYPES.get(
-                status, "server_error" if status >= 500 else "invalid_request_error"
-            ),
-            "param": param,
+            "message": _printable(message),
+            "type": error_type(status),
+            "param": _printable(param),
             "code": code,
         }
     }
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, first_param = [], None
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            first_param = first_param or "body"
-            parts.append("body: the request body is not valid JSON")
-            continue
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
-        param = ".".join(loc) or "body"
-        first_param = first_param or param
-        if err.get("type") == "missing":
-            parts.append(f"{param}: this field is required")
-        else:
-            parts.append(f"{param}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", first_param
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong and what to do; names the field and limit.")
+    type: str = Field(description="`invalid_request_error`, `rate_limit_error` or `server_error`.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable machine-readable code, e.g. `invalid_value`.")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer (OpenAI's error shape)."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, param, "invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return error_response(
-            exc.status_code, str(exc.detail), None, code.get(exc.status_code), exc.headers
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}", None, "internal_error")
+    error: ErrorDetail

@@ -14,6 +14,7 @@ from registry.files import FileCatalog, FileRecord, new_file_id
 from registry.sql_base import utcnow
 from registry.storage import ObjectStore, StorageError, tenant_prefix
 from serve.errors import APIError, InvalidField, StorageUnavailable
+from serve.io_pools import BlockingPool
 from serve.limits import LimitGuard
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,14 @@ class FileService:
         store: ObjectStore,
         limits: DatasetLimits,
         tenant_limits: LimitGuard | None = None,
+        storage_pool: BlockingPool | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.limits = limits
         self.tenant_limits = tenant_limits
+        # Object-store calls run on the ingress's storage pool, not the shared default one.
+        self.storage = storage_pool or BlockingPool("storage", 4)
 
     def _store_verified(self, key: str, data: bytes, sha256: str) -> None:
         self.store.put_bytes(key, data, content_type="application/zip")
@@ -76,7 +80,7 @@ class FileService:
         file_id = new_file_id()
         key = f"{tenant_prefix(tenant_id)}files/{file_id}.zip"
         try:
-            await asyncio.to_thread(self._store_verified, key, data, summary.sha256)
+            await self.storage.run(self._store_verified, key, data, summary.sha256)
         except StorageError as e:
             log.error("storing %s failed: %s", key, e)
             raise StorageUnavailable("retry the upload") from e
@@ -94,7 +98,7 @@ class FileService:
         try:
             await asyncio.to_thread(self.catalog.add, record)
         except Exception:
-            await asyncio.to_thread(self.store.delete, key)
+            await self.storage.run(self.store.delete, key)
             raise
         if self.tenant_limits is not None:
             self.tenant_limits.stored(tenant_id, len(data))

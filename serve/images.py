@@ -7,10 +7,8 @@ render whose objects cannot all be stored leaves none behind.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
-import logging
 import secrets
 import time
 from collections import defaultdict
@@ -23,7 +21,8 @@ from registry.adapters import AdapterNotFound, RegistryError
 from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
 from serve.adapter_cache import AdapterLoadError
-from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
+from serve.errors import APIError, InvalidField, StorageUnavailable, registry_unavailable
+from serve.io_pools import BlockingPool, IOPools
 from serve.limits import LimitGuard
 from serve.protocol import (
     AdapterSpec,
@@ -34,8 +33,9 @@ from serve.protocol import (
     RenderJob,
     RenderLimits,
 )
+from serve.request_context import request_logger
 
-log = logging.getLogger(__name__)
+log = request_logger(__name__)
 
 
 class Renderer(Protocol):
@@ -67,8 +67,14 @@ class ImageService:
         adapters: AdapterLookup | None = None,
         on_rendered: RenderObserver | None = None,
         tenant_limits: LimitGuard | None = None,
+        pools: IOPools | None = None,
     ) -> None:
         self.tenant_limits = tenant_limits
+        # Blocking calls run on bounded pools, one per dependency, so that a hung registry
+        # (adapter lookups) cannot take the threads base-model renders store and record with.
+        self.pools = pools or IOPools(
+            BlockingPool("registry", 4), BlockingPool("storage", 8), BlockingPool("db", 4)
+        )
         self.adapters = adapters
         self.on_rendered = on_rendered
         self.limits = limits
@@ -92,10 +98,10 @@ class ImageService:
             )
         self._inflight[tenant_id] += 1
         try:
-            tenant = await asyncio.to_thread(self.tenants.get_tenant, tenant_id)
+            tenant = await self.pools.db.run(self.tenants.get_tenant, tenant_id)
             quota = tenant.images_per_hour if tenant else None
             if quota is not None:
-                used = await asyncio.to_thread(self.tenants.images_in_last_hour, tenant_id)
+                used = await self.pools.db.run(self.tenants.images_in_last_hour, tenant_id)
                 if used + images > quota:
                     raise APIError(
                         429,
@@ -133,14 +139,12 @@ class ImageService:
             raise InvalidField("adapter", "this server renders the base model only")
         ref, scale = parsed
         try:
-            return await asyncio.to_thread(self.adapters.resolve, tenant_id, ref, scale)
+            return await self.pools.registry.run(self.adapters.resolve, tenant_id, ref, scale)
         except AdapterNotFound as e:
             raise APIError(404, str(e), param="adapter", code="adapter_not_found") from None
         except RegistryError as e:
-            log.error("resolving adapter %s of %s failed: %s", ref, tenant_id, e)
-            raise ServiceUnavailable(
-                "the adapter registry is unavailable", "registry_unavailable"
-            ) from None
+            log.error("resolving adapter %s failed: %s", ref, e)
+            raise registry_unavailable() from None
         except AdapterLoadError as e:
             raise e.as_api_error() from None
 
@@ -153,19 +157,21 @@ class ImageService:
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
-        adapter = await self._resolve(tenant_id, req)
-        job = dataclasses.replace(job, adapter=adapter)
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
+        # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
+        # queue more than its share of lookups on the registry's pool.
         async with self._slot(tenant_id, len(job.seeds)):
+            adapter = await self._resolve(tenant_id, req)
+            job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
             render_id = secrets.token_hex(12)
             try:
-                keys = await asyncio.to_thread(self._store_all, tenant_id, render_id, images)
+                keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, images)
             except StorageError as e:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
-            await asyncio.to_thread(
+            await self.pools.db.run(
                 self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
             )
             if self.tenant_limits is not None:
@@ -179,7 +185,7 @@ class ImageService:
                     ImageData(seed=image.seed, b64_json=base64.b64encode(image.png).decode())
                 )
             else:
-                url = self.store.presigned_get(key, self.presign_expiry_s)
+                url = self.store.presigned_get(key, self.presign_expiry_s)  # no I/O: signing
                 data.append(ImageData(seed=image.seed, url=url))
         return ImagesResponse(
             id=render_id,

@@ -11,7 +11,7 @@ import contextlib
 import re
 import secrets
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from finetune.job import checkpoint_steps, discard_job_objects
 from finetune.launcher import JobLauncher, LaunchError
@@ -20,17 +20,19 @@ from registry.files import FileCatalog
 from registry.jobs import TERMINAL, JobRecord, JobStore
 from registry.settings import Settings
 from registry.storage import ObjectStore, StorageError
-from serve.errors import APIError, InvalidField, StorageUnavailable
+from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
 from serve.limits import LimitGuard
-from serve.protocol import MAX_SEED
+from serve.protocol import MAX_SEED, STRICT_BODY, Text
+from serve.request_context import request_logger
 
 BRAND = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 TRIGGER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 MAX_VALIDATION_PROMPTS = 8
+log = request_logger(__name__)
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
     steps: int = Field(200, description="Optimizer steps.")
     rank: int = Field(8, description="LoRA rank (1..128).")
     alpha: float = Field(8.0, description="LoRA alpha (0..1024]; scale is alpha/rank.")
@@ -42,15 +44,15 @@ class Hyperparameters(BaseModel):
 
 
 class FineTuneJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    training_file: str = Field(description="A file id from POST /v1/files (purpose fine-tune).")
-    brand: str = Field(description="Adapter name: [a-z0-9][a-z0-9-]{1,62}.")
-    trigger_word: str | None = Field(None, description="Word captions use for the brand.")
-    base_model: str | None = Field(None, description="Base model id; default: the farm's.")
-    model: str | None = Field(None, description="OpenAI's name for base_model.")
+    model_config = STRICT_BODY
+    training_file: Text = Field(description="A file id from POST /v1/files (purpose fine-tune).")
+    brand: Text = Field(description="Adapter name: [a-z0-9][a-z0-9-]{1,62}.")
+    trigger_word: Text | None = Field(None, description="Word captions use for the brand.")
+    base_model: Text | None = Field(None, description="Base model id; default: the farm's.")
+    model: Text | None = Field(None, description="OpenAI's name for base_model.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int | None = Field(None, description="Training seed; drawn when omitted.")
-    validation_prompts: list[str] | None = Field(None, description="Rendered base vs adapter.")
+    validation_prompts: list[Text] | None = Field(None, description="Rendered base vs adapter.")
 
 
 def _ts(value) -> int | None:  # noqa: ANN001
@@ -194,8 +196,16 @@ class JobService:
                     job.id, tenant_id, data_parallel=req.hyperparameters.workers > 1
                 )
             except LaunchError as e:  # its message is plain; the cause was logged
-                self.jobs.finish(job.id, "failed", error=str(e), error_code="cluster_unavailable")
-                raise APIError(503, f"{e}; retry shortly", code="cluster_unavailable") from e
+                log.error("submitting job %s failed: %s", job.id, e)
+                self.jobs.finish(
+                    job.id,
+                    "failed",
+                    error="the training cluster was unavailable",
+                    error_code="cluster_unavailable",
+                )
+                raise ServiceUnavailable(
+                    "the training cluster is unavailable; retry shortly", "cluster_unavailable"
+                ) from None
             self.jobs.mark_submitted(job.id)
         return job_object(self.jobs.get_any(job.id))
 

@@ -49,7 +49,7 @@ def request_path_runtime_env(settings: Settings) -> dict[str, Any]:
     """The runtime env of the request-path actors: MLflow calls fail within the registry
     timeout instead of MLflow's default retries (minutes while MLflow is down). Never secrets:
     Ray shows a runtime env to anyone who can reach its dashboard."""
-    return {"env_vars": settings.registry_client_env()}
+    return {"env_vars": settings.mlflow_client_env()}
 
 
 def ingress_actor_options(settings: Settings) -> dict[str, Any]:
@@ -85,12 +85,16 @@ def replica_bundles(settings: Settings) -> list[dict[str, float]] | None:
 
 def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of `Ingress.options(...)` (also the config file's fields). The ingress
-    is async and light; it lets through as many requests as the replicas can hold (Serve's
-    default of 5 would cap every replica's batch at 5 requests)."""
+    is async and light. It admits more requests at once than one tenant may have in flight
+    (`ingress_max_ongoing_requests`), so that a tenant over its limit reaches it and gets 429
+    rather than waiting at the proxy, and at least as many as the replicas can hold, so that
+    Serve's default of 5 does not cap every replica's batch."""
     replicas = settings.max_replicas if settings.autoscale else settings.num_replicas
     return {
         "ray_actor_options": ingress_actor_options(settings),
-        "max_ongoing_requests": settings.max_ongoing_requests * replicas,
+        "max_ongoing_requests": max(
+            settings.ingress_max_ongoing_requests, settings.max_ongoing_requests * replicas
+        ),
     }
 
 

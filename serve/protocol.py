@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from registry.adapter_refs import AdapterRef
 from registry.base_models import BaseModelInfo
@@ -23,24 +23,44 @@ MAX_SEED = 2**32 - 1
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
+def _valid_unicode(text: str) -> str:
+    # JSON may carry a lone surrogate ("\ud800"): a str Python accepts but no UTF-8 encoder,
+    # tokenizer or database does. Refused here, it is a 400 naming the field, not a 500 later.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"must be valid Unicode text, but holds a lone surrogate at character {e.start}"
+        ) from None
+    return text
+
+
+#: A request string: any valid Unicode text (lone surrogates refused).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+#: Request bodies: unknown fields refused, and no coercion between JSON types (`"n": true` or
+#: `"n": "2"` is not a number; an integer is still a valid float).
+STRICT_BODY = ConfigDict(extra="forbid", strict=True)
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of `POST /v1/images/generations`. Unknown fields are refused, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
-    prompt: str = Field(description="What to draw.")
+    prompt: Text = Field(description="What to draw.")
     n: int = Field(1, description="How many images (1..max_images_per_request).")
-    size: str | None = Field(None, description="`WxH`; default is the model's native size.")
+    size: Text | None = Field(None, description="`WxH`; default is the model's native size.")
     response_format: Literal["url", "b64_json"] = Field(
         "url", description="`url` (presigned, stored object) or `b64_json` (inline PNG)."
     )
-    model: str | None = Field(None, description="Base model id; default is the farm's.")
-    negative_prompt: str | None = Field(None, description="What not to draw.")
+    model: Text | None = Field(None, description="Base model id; default is the farm's.")
+    negative_prompt: Text | None = Field(None, description="What not to draw.")
     seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i.")
     steps: int | None = Field(None, description="Denoising steps; default from the model.")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
-    user: str | None = Field(None, max_length=256, description="OpenAI's end-user id; recorded.")
-    adapter: str | None = Field(
+    user: Text | None = Field(None, max_length=256, description="OpenAI's end-user id; recorded.")
+    adapter: Text | None = Field(
         None,
         description="The tenant's brand adapter: `acme` (alias production), `acme@staging` "
         "(an alias) or `acme:3` (a version). Unset renders the base model.",

@@ -33,11 +33,20 @@ def settings_args(settings: Settings) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value != defaults[name]}
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's HTTP proxy options: where it listens and its end-to-end request timeout."""
+    return {
+        "host": settings.host,
+        "port": settings.api_port,
+        "request_timeout_s": settings.request_timeout_s,
+    }
+
+
 def serve_config(settings: Settings) -> dict[str, Any]:
     """The Serve config-file dict (Ray's `ServeDeploySchema`) that deploys this farm's app."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": settings.host, "port": settings.api_port},
+        "http_options": http_options(settings),
         "applications": [
             {
                 "name": APP_NAME,

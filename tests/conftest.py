@@ -104,3 +104,11 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         yield Farm(stack, settings)
     finally:
         stack.down()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the shared stack is an e2e test, wherever it lives (the fast tier,
+    `-m "not e2e and not slow"`, never starts a stack)."""
+    for item in items:
+        if "farm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

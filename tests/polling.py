@@ -1,7 +1,8 @@
-"""The tests' one polling helper: wait on a condition, never on a bare sleep."""
+"""The one polling helper of the tests: wait on a condition, never on a bare sleep."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -15,4 +16,14 @@ def wait_for(
         if time.monotonic() - start > timeout_s:
             raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
         time.sleep(every_s)
+    return time.monotonic() - start
+
+
+async def async_wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """`wait_for` inside an event loop: polls without blocking the loop."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
+        await asyncio.sleep(0.05)
     return time.monotonic() - start

@@ -13,6 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_engine.py"
 
 # Several adapters resident at once is the point of the benchmark; peft warns about it.
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
+@pytest.mark.slow  # runs the benchmark end to end (~40 s on 2 cores)
 def test_tiny_run_measures_both_modes(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_engine", BENCH)
     bench = importlib.util.module_from_spec(spec)

@@ -12,6 +12,9 @@ from cluster.stack import LocalStack
 from tests.conftest import farm_settings
 from tests.registry.conftest import PG_URL
 
+# Starts its own MLflow server on Postgres: tens of seconds, not the fast tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def pg_database():

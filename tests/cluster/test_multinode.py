@@ -39,6 +39,9 @@ from serve.serve_config import APP_NAME
 from tests.conftest import farm_settings
 from tests.polling import wait_for
 
+# Starts Ray (and more) for its own cluster: minutes, not the fast tier.
+pytestmark = pytest.mark.slow
+
 WORKERS = ("ray-worker-1", "ray-worker-2")
 # Small and quick on CPU; the built-in model renders 32px shapes.
 JOB = RenderJob("a red circle on a blue background", None, 32, 32, 2, 4.0, (7,))

@@ -173,3 +173,25 @@ def test_down_also_stops_worker_nodes_recorded_by_an_earlier_up(tmp_path):
     # Settings now ask for fewer workers: `down` still stops the recorded one.
     stopped = LocalStack(Settings(state_dir=state, ray_worker_nodes=1)).down()
     assert stopped == ["ray-worker-2"] and not pid_alive(pid)
+
+
+def test_up_refuses_unreachable_external_dependencies_naming_each_setting(tmp_path):
+    from cluster.processes import StackError
+
+    dead = [f"127.0.0.1:{p}" for p in free_ports(3)]  # nothing listens on these
+    s = Settings(
+        state_dir=tmp_path / "state",
+        database_url=f"postgresql+psycopg://bf:secret-pw@{dead[0]}/farm",
+        s3_endpoint=f"http://{dead[1]}",
+        s3_access_key="ak",
+        s3_secret_key="sk",
+        mlflow_tracking_uri=f"http://{dead[2]}",
+        ray_address="127.0.0.1:1",  # never reached: `up` stops before starting anything
+    )
+    with pytest.raises(StackError) as e:
+        LocalStack(s).up()
+    message = str(e.value)
+    for setting in ("database_url", "s3_endpoint", "mlflow_tracking_uri"):
+        assert setting in message
+    assert "secret-pw" not in message
+    assert not (tmp_path / "state" / "logs").exists()  # nothing was started

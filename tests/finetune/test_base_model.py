@@ -45,6 +45,7 @@ def test_shipped_model_is_small_and_documented() -> None:
     assert (SHIPPED / "tokenizer" / "merges.txt").is_file()
 
 
+@pytest.mark.slow  # renders every held-out combo (~2 min on 2 cores)
 def test_shipped_model_follows_heldout_prompts() -> None:
     """Renders every held-out combo (never seen in training) at the model's default steps,
     guidance and size; about 10 s on two CPU cores."""
@@ -81,6 +82,7 @@ def _tiny_run(out: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
 
+@pytest.mark.slow  # trains the base model twice (~1 min on 2 cores)
 def test_training_is_reproducible_from_its_seed(tmp_path: Path) -> None:
     first = _tiny_run(tmp_path / "a")
     second = _tiny_run(tmp_path / "b")

@@ -55,6 +55,7 @@ def brand_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains 800 LoRA steps (minutes on 2 cores)
 def test_adapter_file_carries_rank_and_alpha(brand_lora: Path) -> None:
     with safe_open(brand_lora / LORA_WEIGHT_NAME, "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -64,6 +65,7 @@ def test_adapter_file_carries_rank_and_alpha(brand_lora: Path) -> None:
     assert {k.split(".lora.")[0].split(".")[-1] for k in keys} >= {"to_q", "to_k", "to_v"}
 
 
+@pytest.mark.slow  # trains 800 LoRA steps (minutes on 2 cores)
 def test_lora_raises_brand_score(brand_lora: Path) -> None:
     defaults = load_defaults(SHIPPED)
     brand = world.get_brand(BRAND)

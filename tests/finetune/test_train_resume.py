@@ -21,6 +21,7 @@ def _weights(folder):
     return load_file(str(folder / LORA_WEIGHT_NAME))
 
 
+@pytest.mark.slow  # trains twice, with a resume (~40 s on 2 cores)
 def test_resume_equals_uninterrupted(setup, tmp_path):
     base, examples = setup
     kw = dict(steps=6, rank=2, alpha=2.0, batch_size=2, seed=3)

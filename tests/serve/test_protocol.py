@@ -86,7 +86,11 @@ def test_adapter_references_parse_to_alias_or_version_with_scale():
 @pytest.mark.parametrize(
     ("fields", "param", "says"),
     [
-        ({"adapter": "acme:"}, "adapter", "positive integer"),
+        ({"adapter": "acme:"}, "adapter", "from 1 to 2147483647"),
+        # A version no registry can hold: refused here, without a registry call.
+        ({"adapter": "acme:99999999999999999999"}, "adapter", "from 1 to 2147483647"),
+        ({"adapter": "acme:2147483648"}, "adapter", "from 1 to 2147483647"),
+        ({"adapter": "acme:" + "9" * 5000}, "adapter", "from 1 to 2147483647"),
         ({"adapter": "ACME"}, "adapter", "brand 'ACME' is invalid"),
         ({"adapter": "acme@v1"}, "adapter", "reserved"),
         ({"adapter": "acme@x@y"}, "adapter", "malformed"),
@@ -101,3 +105,40 @@ def test_bad_adapter_fields_name_the_field_and_the_rule(fields, param, says):
         check(**fields)
     assert e.value.param == param and e.value.status == 400
     assert says in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "a", "n": True}, "n"),
+        ({"prompt": "a", "n": 1.0}, "n"),
+        ({"prompt": "a", "n": "2"}, "n"),
+        ({"prompt": "a", "seed": False}, "seed"),
+        ({"prompt": "a", "guidance_scale": True}, "guidance_scale"),
+        ({"prompt": 5}, "prompt"),
+    ],
+)
+def test_bodies_are_strict_no_type_coercion(body, param):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        ImageGenerationRequest.model_validate(body)
+    assert e.value.errors()[0]["loc"] == (param,)
+
+
+def test_an_integer_is_still_a_valid_float():
+    assert (
+        ImageGenerationRequest.model_validate({"prompt": "a", "guidance_scale": 7}).guidance_scale
+        == 7
+    )
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "size", "adapter", "user", "model"])
+def test_lone_surrogates_are_refused_naming_the_field(field):
+    from pydantic import ValidationError
+
+    body = {"prompt": "a", field: "x\ud800y"}
+    with pytest.raises(ValidationError) as e:
+        ImageGenerationRequest.model_validate(body)
+    [err] = e.value.errors()
+    assert err["loc"] == (field,) and "surrogate" in err["msg"]

@@ -78,11 +78,13 @@ def test_settings_changes_show_up():
     assert replica["ray_actor_options"] == {
         "num_cpus": 6.0,
         "num_gpus": 2.0,
-        "runtime_env": {"env_vars": s.registry_client_env()},
+        "runtime_env": {"env_vars": s.mlflow_client_env()},
     }
     # The ingress lets through what the replicas hold (they batch from it), not Serve's 5.
-    assert deployments(config)["Ingress"]["max_ongoing_requests"] == 27
-    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
+    assert deployments(config)["Ingress"]["max_ongoing_requests"] == max(
+        s.ingress_max_ongoing_requests, 27
+    )
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 300.0}
     assert application(config)["args"]["num_replicas"] == 3
 
 
@@ -199,7 +201,7 @@ def test_a_multi_gpu_replica_gets_one_strict_pack_bundle_holding_the_actor():
         "num_cpus": 3.0,
         "num_gpus": 2.0,
         "memory": 1 << 30,
-        "runtime_env": {"env_vars": s.registry_client_env()},
+        "runtime_env": {"env_vars": s.mlflow_client_env()},
     }
     assert replica["placement_group_strategy"] == "STRICT_PACK"
     assert replica["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 2.0, "memory": 1 << 30}]
@@ -228,3 +230,18 @@ def test_builder_builds_that_app_from_the_configs_args(tmp_path):
     built = builder(application(config)["args"])
     assert_config_matches_code(config, built)
     assert (tmp_path / "state" / "models").is_dir()
+
+
+def test_http_options_carry_the_request_timeout_and_ray_accepts_them():
+    from ray.serve.config import HTTPOptions
+
+    options = serve_config(Settings(request_timeout_s=42))["http_options"]
+    assert HTTPOptions(**options).request_timeout_s == 42
+
+
+def test_the_ingress_admits_more_than_one_tenants_inflight_limit():
+    s = Settings(max_inflight_per_tenant=8)
+    ingress = deployments(serve_config(s))["Ingress"]
+    assert ingress["max_ongoing_requests"] > s.max_inflight_per_tenant
+    with pytest.raises(ValueError, match="ingress_max_ongoing_requests"):
+        Settings(max_inflight_per_tenant=16, ingress_max_ongoing_requests=16)
