@@ -358,7 +358,11 @@ def test_mlflow_killed_held_adapters_and_base_go_on_others_503(chaos_farm, tenan
         if name.startswith("held") and r.status_code == 200:
             assert r.json()["adapter"]["version"] == held
     with farm.http(key) as http:
-        adapters_route = http.get("/adapters").status_code
+        listed = http.get("/adapters")
+        adapters_route = listed.status_code
+        aliased = http.post(
+            f"/adapters/{never.split('@')[0].split(':')[0]}/aliases/staging", json={"version": 1}
+        )
 
     farm.settings = farm.stack.up()  # idempotent: restarts MLflow only
     restarted = time.monotonic()
@@ -377,6 +381,10 @@ def test_mlflow_killed_held_adapters_and_base_go_on_others_503(chaos_farm, tenan
         outage_s=restarted - killed,
     )
     assert during["base"][0] == 200, during
+    # Every adapter route answers 503 registry_unavailable while MLflow is down, never 500.
+    assert adapters_route == 503 and listed.json()["error"]["code"] == "registry_unavailable"
+    assert aliased.status_code == 503, aliased.text
+    assert aliased.json()["error"]["code"] == "registry_unavailable"
     assert during["held_alias"][0] == 200, during
     assert during["held_version"][0] == 200, during
     assert during["not_held"][:2] == (503, "registry_unavailable"), during
