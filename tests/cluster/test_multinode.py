@@ -347,7 +347,14 @@ def test_up_with_address_deploys_the_farm_onto_the_existing_cluster(sim, tmp_pat
     from registry.tenants import TenantDirectory
 
     address = sim.stack.ray_address(sim.settings)
-    own = farm_settings(tmp_path / "state", device="cpu", api_port=sim.settings.api_port)
+    # The cluster's dashboard port too: `up` checks the cluster answers there, and fine-tunes
+    # are submitted through it.
+    own = farm_settings(
+        tmp_path / "state",
+        device="cpu",
+        api_port=sim.settings.api_port,
+        ray_dashboard_port=sim.settings.ray_dashboard_port,
+    )
     env = {**own.to_env(), "PATH": os.environ.get("PATH", "")}
     env.pop("BRANDFARM_RAY_ADDRESS", None)
     brandfarm = [sys.executable, "-m", "cluster.cli"]
