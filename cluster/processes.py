@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,18 +36,25 @@ class ProcessSpec:
     stop_timeout_s: float = 30.0  # grace between TERM and KILL
 
 
+# Ports for farms started side by side (tests, benchmarks) come from here: above Ray's default
+# worker port range (10002-19999) and below Linux's ephemeral range (32768-60999), where Ray's
+# own per-node ports (raylet, object manager, agents) and every outgoing connection get theirs.
+# A port taken from the ephemeral range could be handed to one of those between being chosen
+# and being bound, which is how a Serve proxy once failed to bind its port.
+SIDE_BY_SIDE_PORTS = range(20000, 32768)
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host` now, from the OS's ephemeral range (outside Ray's
-    worker port range); for farms started side by side (tests, benchmarks)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """`n` distinct ports free on `host` now, from `SIDE_BY_SIDE_PORTS` (outside Ray's worker
+    port range and the OS's ephemeral range); for farms started side by side (tests,
+    benchmarks)."""
+    ports: list[int] = []
+    for port in random.sample(SIDE_BY_SIDE_PORTS, len(SIDE_BY_SIDE_PORTS)):
+        if port_is_free(host, port):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise StackError(f"fewer than {n} free ports on {host} in {SIDE_BY_SIDE_PORTS}")
 
 
 def port_is_free(host: str, port: int) -> bool:
