@@ -6,6 +6,7 @@ the largest 8-bit difference and how many images differ. Run from the repo root:
 
     python bench/batch_identity.py                 # built-in model, CPU, both modes
     python bench/batch_identity.py --threads 2     # what more torch threads do
+    python bench/batch_identity.py --size 64       # another image size
 
 docs/architecture.md ("Pixel identity") records what it printed.
 """
@@ -36,13 +37,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="max_batch_images")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per image")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     model = ensure_base_model(args.model, Path(tempfile.mkdtemp()), 1024)
-    side = model.native_size
+    side = args.size or model.native_size
     for exact in (True, False):
         engine = DiffusionEngine.load(
             model,
@@ -80,7 +82,7 @@ def main() -> None:
         diffs = {w: int(np.abs(batched[w] - solo[w]).max()) for w in work}
         base = [diffs[w] for w in work if w[0] is None]
         print(
-            f"exact_pixels={exact} threads={args.threads} batch={args.batch}: "
+            f"exact_pixels={exact} threads={args.threads} batch={args.batch} size={side}: "
             f"max difference {max(diffs.values())}/255 (base-model rows {max(base)}), "
             f"{sum(d > 0 for d in diffs.values())} of {len(work)} images differ; "
             f"solo {solo_s:.1f} s, batched {batched_s:.1f} s"

@@ -284,9 +284,10 @@ class Settings(BaseSettings):
     )
     exact_batch_pixels: bool = Field(
         True,
-        description="Run every denoising step at the full batch size (padded), so an image's "
-        "pixels never depend on its batch-mates (CPU kernels round by shape). Off: a lone "
-        "image is cheaper, but its last bits may depend on the batch.",
+        description="Compute every batched denoising step batch-invariantly, so an image's "
+        "pixels never depend on its batch-mates (CPU kernels round by shape; "
+        "serve/engine/invariant.py). Off: plain products, whose last bits may depend on the "
+        "batch.",
     )
     render_timeout_s: float | None = Field(
         None,

@@ -103,12 +103,12 @@ class DiffusionEngine:
 
     `max_batch_images=1` (the default here; the replica takes it from settings) renders one
     image at a time, as the engine did before batching.
-    `exact_pixels` makes every UNet call the same size (`2 * max_batch_images` rows, padded),
+    `exact_pixels` computes each UNet call batch-invariantly (`invariant.batch_invariant`),
     because CPU BLAS kernels pick their blocking by a product's shape and that changes the last
-    bits of a row's result, which a random or strong adapter can amplify into visible pixels;
-    off, a lone image costs only its own rows (docs/architecture.md, "Pixel identity"). On a CPU
-    the engine also sets torch to `cpu_threads` threads (1 by default): how BLAS splits a
-    product over threads changes those bits too.
+    bits of a row's result, which a random or strong adapter can amplify into visible pixels
+    (docs/architecture.md, "Pixel identity"). On a CPU the engine also sets torch to
+    `cpu_threads` threads (1 by default): how BLAS splits a product over threads changes those
+    bits too.
     """
 
     def __init__(
@@ -137,8 +137,8 @@ class DiffusionEngine:
         self.max_adapters = max_adapters
         self.max_batch_images = max_batch_images
         self.batch_wait_s = batch_wait_s
-        # Two UNet rows per image (classifier-free guidance), every call the same size.
-        self.rows_per_call = 2 * max_batch_images if exact_pixels else None
+        # Batch-invariant UNet calls when batching (one image at a time needs none).
+        self.invariant = exact_pixels and max_batch_images > 1
         self.slots = AdapterSlots(pipeline, max_adapters)
         self.stats = EngineStats()
         self._on_step = on_step
@@ -377,7 +377,7 @@ class DiffusionEngine:
                 self.pipeline,
                 self.slots.router,
                 [row.state for row in batch],
-                self.rows_per_call,
+                self.invariant,
             )
         except Exception as e:  # noqa: BLE001 - the whole batch failed: fail its requests
             for row in batch:

@@ -11,10 +11,12 @@ the whole batch (see docs/architecture.md for where that holds bit for bit).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from serve.engine.adapters import BASE, LoraRouter
+from serve.engine.invariant import batch_invariant
 
 
 @dataclass
@@ -45,99 +47,6 @@ class RowState:
     def width(self) -> int:
         """Rows of the UNet batch this row takes (2 with classifier-free guidance)."""
         return 2 if self.guided else 1
-
-
-def real_rows_attention(pipeline) -> RealRowsAttention | None:  # noqa: ANN001
-    """Install `RealRowsAttention` on the pipeline's UNet (once) and return it; None when the
-    UNet uses another attention processor than diffusers' default SDPA one."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    processors = pipeline.unet.attn_processors.values()
-    if all(isinstance(p, RealRowsAttention) for p in processors):
-        return next(iter(processors), None)
-    if not all(type(p) is AttnProcessor2_0 for p in processors):
-        return None
-    processor = RealRowsAttention()
-    pipeline.unet.set_attn_processor(processor)
-    return processor
-
-
-def _attention_processor_base():  # noqa: ANN202 - diffusers' class, imported lazily
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return AttnProcessor2_0
-
-
-class RealRowsAttention(_attention_processor_base()):
-    """diffusers' `AttnProcessor2_0`, except that while `real_rows` is set, the attention
-    itself (SDPA) runs over the first `real_rows` rows only: padding rows get zeros, which only
-    padding rows ever read (every other op of the UNet works row by row). The projections still
-    run over every row, so their shapes stay fixed. SDPA's result for a row does not depend on
-    how many rows the call has (measured on CPU: 0.0 difference), so this keeps pixels exact and
-    spares padding its share of attention, the UNet's largest cost on small images."""
-
-    real_rows: int | None = None
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):  # noqa: ANN001, ANN204, E501
-        rows = self.real_rows
-        simple = (
-            attention_mask is None
-            and attn.spatial_norm is None
-            and attn.group_norm is None
-            and attn.norm_q is None
-            and attn.norm_k is None
-            and not args
-            and not kwargs
-        )
-        if rows is None or rows >= hidden_states.shape[0] or not simple:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
-            )
-        import torch.nn.functional as F
-
-        # The steps of AttnProcessor2_0.__call__ for this case, SDPA narrowed to `rows`.
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        real = F.scaled_dot_product_attention(
-            query[:rows], key[:rows], value[:rows], attn_mask=None, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = query.new_zeros(query.shape)
-        hidden_states[:rows] = real
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(
-                batch_size, channel, height, width
-            )
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
 
 def guided(pipeline, guidance_scale: float) -> bool:  # noqa: ANN001 - a diffusers pipeline
@@ -204,16 +113,17 @@ def step(
     pipeline,  # noqa: ANN001 - a diffusers StableDiffusionPipeline
     router: LoraRouter,
     rows: list[RowState],
-    rows_per_call: int | None = None,
+    invariant: bool = False,
 ) -> None:
     """Advance every row by one of its own timesteps.
 
-    Without `rows_per_call`, one UNet call runs all rows (a guided row is two UNet rows), and
-    peft routes each row to its adapter. With it, every UNet call has exactly that many rows
-    (the last call padded with copies of its last row, whose outputs are thrown away) and each
-    adapter's delta is computed over the whole call: every matrix product then has the same
-    shape whatever the batch holds, which on a CPU makes a row's result bit-identical however
-    many rows share its call and whoever they are (docs/architecture.md, "Pixel identity").
+    One UNet call runs all rows (a guided row is two UNet rows), and each row uses its own
+    adapter. With `invariant`, the call computes every row batch-invariantly: its products run
+    through `invariant.batch_invariant`, a call of one row is padded to two, and each adapter's
+    delta is computed over the whole call and added to its own rows (peft would compute it over
+    that adapter's rows, a count that depends on the batch). A row's result is then
+    bit-identical however many rows share its call and whoever they are (docs/architecture.md,
+    "Pixel identity").
     """
     import torch
 
@@ -230,31 +140,21 @@ def step(
         names.extend([row.slot] * row.width)
         scales.extend([row.scale] * row.width)
     sample, hidden, timestep = torch.cat(inputs), torch.cat(embeds), torch.stack(times)
-    attention = real_rows_attention(pipeline) if rows_per_call else None
-    total = sample.shape[0]
-    size = rows_per_call or total
-    outputs = []
-    for start in range(0, total, size):
-        end = min(start + size, total)
-        part = slice(start, end)
-        pad = size - (end - start)
-        index = list(range(start, end)) + [end - 1] * pad
-        full_rows = rows_per_call is not None
-        if attention is not None:
-            attention.real_rows = end - start  # the padding sits at the end
-        try:
-            with router.routing(names[part] + [BASE] * pad, scales[part] + [0.0] * pad, full_rows):
-                out = pipeline.unet(
-                    sample[index],
-                    timestep[index],
-                    encoder_hidden_states=hidden[index],
-                    return_dict=False,
-                )[0]
-        finally:
-            if attention is not None:
-                attention.real_rows = None
-        outputs.append(out[: end - start])
-    noise = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    real = sample.shape[0]
+    if invariant and real == 1:  # a lone UNet row takes other kernels than two or more
+        sample, hidden, timestep = (
+            sample.repeat(2, 1, 1, 1),
+            hidden.repeat(2, 1, 1),
+            timestep.repeat(2),
+        )
+        names, scales = names * 2, scales * 2
+    with (
+        router.routing(names, scales, full_rows=invariant),
+        batch_invariant() if invariant else nullcontext(),
+    ):
+        noise = pipeline.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0][
+            :real
+        ]
     offset = 0
     for row in rows:
         pred = noise[offset : offset + row.width]
