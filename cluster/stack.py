@@ -379,6 +379,12 @@ class LocalStack:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
+    def redeploy(self, s: Settings) -> None:
+        """Deploy the Serve application again on the running stack, built from `s` (Serve
+        rolls its replicas over to the new options); for tests and benchmarks that change
+        serving settings without restarting the services."""
+        self._deploy(s, self.base_model(s))
+
     def _deploy(self, s: Settings, model: BaseModelInfo) -> None:
         import ray
         from ray import serve
