@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cluster.policy_cli import policy_app
 from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
@@ -26,6 +27,7 @@ tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=Tr
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(policy_app, name="policy")
 renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)

@@ -111,6 +111,8 @@ class DatasetSummary:
     images: int
     caption_source: str
     image_names: tuple[str, ...]
+    #: (where the caption came from, its text): the .txt file, or metadata.jsonl's line.
+    captions: tuple[tuple[str, str], ...] = ()
 
 
 class _BudgetExceeded(Exception):
@@ -277,6 +279,11 @@ def _validate_open_zip(data: bytes, zf: zipfile.ZipFile, limits: DatasetLimits) 
         images=count,
         caption_source=METADATA_NAME if entries.metadata else "txt",
         image_names=tuple(sorted(info.filename for info in entries.images)),
+        captions=tuple(
+            (captions.origin[name], text) for name, text in sorted(captions.texts.items())
+        )
+        if captions is not None
+        else (),
     )
 
 

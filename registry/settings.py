@@ -388,6 +388,30 @@ class Settings(BaseSettings):
         3600.0, ge=1, description="How often the ingress deletes expired renders."
     )
 
+    # --- content policy -----------------------------------------------------------------------
+    # Tenants set their own (`PUT /v1/moderation/policy`); the farm's applies on top of every
+    # tenant's. A malformed file stops the settings from loading, naming the file and the rule.
+    content_policy_file: Path | None = Field(
+        None,
+        description="The farm-wide content policy (JSON: blocked_terms, blocked_patterns, "
+        "protected_marks, sensitive_terms); unset: none beyond the tenants' own.",
+    )
+    content_policy_cache_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="How long an ingress reuses a tenant's policy before reading it again "
+        "(another ingress replica's change shows within it).",
+    )
+
+    @model_validator(mode="after")
+    def _content_policy_file_is_valid(self) -> Settings:
+        if self.content_policy_file is not None:
+            from registry.content_policy import load_policy_file
+
+            load_policy_file(self.content_policy_file)  # PolicyError names the file and rule
+        return self
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

@@ -25,6 +25,7 @@ from serve.files import FileService
 from serve.images import ImageService
 from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
+from serve.moderation import ModerationService, moderation_router
 from serve.protocol import ImageGenerationRequest, Text
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
@@ -65,6 +66,7 @@ class ApiServices:
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
+    moderation: ModerationService | None = None  # content policy routes (none: no routes)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -255,4 +257,6 @@ def create_api(services: ApiServices) -> FastAPI:
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
+    if services.moderation is not None:
+        app.include_router(moderation_router(services.moderation))
     return app

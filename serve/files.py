@@ -16,6 +16,7 @@ from registry.storage import ObjectStore, StorageError, tenant_prefix
 from serve.errors import APIError, InvalidField, StorageUnavailable
 from serve.io_pools import BlockingPool
 from serve.limits import LimitGuard
+from serve.moderation import ModerationService
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
@@ -48,7 +49,9 @@ class FileService:
         limits: DatasetLimits,
         tenant_limits: LimitGuard | None = None,
         storage_pool: BlockingPool | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
+        self.moderation = moderation
         self.catalog = catalog
         self.store = store
         self.limits = limits
@@ -75,6 +78,10 @@ class FileService:
             raise APIError(
                 e.status, f"dataset rejected: {e}", param="file", code="invalid_dataset"
             ) from e
+        if self.moderation is not None:  # every caption, before anything is stored
+            await self.moderation.check(
+                tenant_id, "dataset", {f"captions[{name}]": text for name, text in summary.captions}
+            )
         if self.tenant_limits is not None:  # the storage cap (403), counting this upload
             await self.tenant_limits.check_stored_bytes(tenant_id, adding=len(data))
         file_id = new_file_id()

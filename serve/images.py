@@ -24,6 +24,7 @@ from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, StorageUnavailable, registry_unavailable
 from serve.io_pools import BlockingPool, IOPools
 from serve.limits import LimitGuard
+from serve.moderation import ModerationService
 from serve.protocol import (
     AdapterSpec,
     ImageData,
@@ -68,8 +69,10 @@ class ImageService:
         on_rendered: RenderObserver | None = None,
         tenant_limits: LimitGuard | None = None,
         pools: IOPools | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self.tenant_limits = tenant_limits
+        self.moderation = moderation
         # Blocking calls run on bounded pools, one per dependency, so that a hung registry
         # (adapter lookups) cannot take the threads base-model renders store and record with.
         self.pools = pools or IOPools(
@@ -157,6 +160,13 @@ class ImageService:
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
+        if self.moderation is not None:  # a refusal leaves only its audit event
+            await self.moderation.check(
+                tenant_id,
+                "generation",
+                {"prompt": req.prompt, "negative_prompt": req.negative_prompt},
+                req.moderation,
+            )
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot

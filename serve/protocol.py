@@ -68,6 +68,11 @@ class ImageGenerationRequest(BaseModel):
     adapter_scale: float | None = Field(
         None, description="Strength of the adapter, 0..max_adapter_scale (default 1; 0 = base)."
     )
+    moderation: Literal["auto", "low"] | None = Field(
+        None,
+        description="OpenAI's content-moderation level: `low` waives the farm's sensitive "
+        "terms unless the tenant's policy says `auto` (the stricter of the two applies).",
+    )
 
 
 @dataclass(frozen=True)

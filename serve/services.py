@@ -11,6 +11,7 @@ from finetune.job import discard_job_objects
 from finetune.launcher import JobLauncher
 from registry.adapters import AdapterRegistry
 from registry.base_models import BaseModelInfo
+from registry.content_policy import ContentPolicy, PolicyStore, load_policy_file
 from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
@@ -26,6 +27,7 @@ from serve.images import ImageService, Renderer, RenderObserver
 from serve.io_pools import IOPools
 from serve.jobs import JobService
 from serve.limits import LimitGuard
+from serve.moderation import ModerationService
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -46,6 +48,14 @@ def build_services(
     store = ObjectStore.from_settings(settings)
     registry = AdapterRegistry(settings.resolved_mlflow_uri)
     guard = LimitGuard(TenantLimits(settings, tenants, store))
+    moderation = ModerationService(
+        PolicyStore(engine),
+        load_policy_file(settings.content_policy_file)
+        if settings.content_policy_file
+        else ContentPolicy(),
+        pools.db,
+        settings.content_policy_cache_ttl_s,
+    )
     images = ImageService(
         limits=RenderLimits.from_settings(settings, model),
         renderer=renderer,
@@ -59,6 +69,7 @@ def build_services(
         on_rendered=on_rendered,
         tenant_limits=guard,
         pools=pools,
+        moderation=moderation,
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
@@ -74,6 +85,7 @@ def build_services(
             DatasetLimits.from_settings(settings),
             tenant_limits=guard,
             storage_pool=pools.storage,
+            moderation=moderation,
         ),
         jobs=jobs,
         adapters=AdapterService(registry, pools.registry),
@@ -81,6 +93,7 @@ def build_services(
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
         db_pool=pools.db,
+        moderation=moderation,
     )
 
 

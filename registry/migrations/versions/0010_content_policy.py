@@ -1,0 +1,43 @@
+"""Content policy: tenants' policy documents and the moderation audit trail.
+
+Revision ID: 0010_content_policy
+Revises: 0003_job_reconcile
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010_content_policy"
+down_revision = "0003_job_reconcile"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "content_policies",
+        sa.Column("tenant_id", sa.String(length=63), sa.ForeignKey("tenants.id"), primary_key=True),
+        sa.Column("rules", sa.Text(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "moderation_events",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("tenant_id", sa.String(length=63), sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("source", sa.String(length=40), nullable=False),
+        sa.Column("field", sa.String(length=255), nullable=False),
+        sa.Column("scope", sa.String(length=10), nullable=False),
+        sa.Column("rule", sa.String(length=80), nullable=False),
+        sa.Column("matched", sa.String(length=255), nullable=False),
+        sa.Column("request_id", sa.String(length=64), nullable=True),
+    )
+    op.create_index("ix_moderation_events_tenant_id", "moderation_events", ["tenant_id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_moderation_events_tenant_id", table_name="moderation_events")
+    op.drop_table("moderation_events")
+    op.drop_table("content_policies")
