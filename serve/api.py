@@ -26,6 +26,7 @@ from serve.images import ImageService
 from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
 from serve.protocol import ImageGenerationRequest, Text
+from serve.webhooks import WebhookService
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
@@ -65,6 +66,7 @@ class ApiServices:
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
+    webhooks: WebhookService | None = None  # the /v1/webhooks routes (serve.webhooks_api)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -255,4 +257,7 @@ def create_api(services: ApiServices) -> FastAPI:
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
+    from serve.webhooks_api import router as webhooks_router  # it imports this module
+
+    app.include_router(webhooks_router)
     return app
