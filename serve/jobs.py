@@ -139,6 +139,7 @@ class JobService:
                     "validation_prompts",
                     f"each validation prompt must be 1..{s.max_prompt_chars} characters",
                 )
+        webhook_url = check_webhook_url(req.webhook_url, s) if req.webhook_url else None
         if self.files.get(tenant_id, req.training_file) is None:
             raise InvalidField(
                 "training_file",
@@ -151,7 +152,7 @@ class JobService:
             "hyperparameters": {**hp.model_dump(), "resolution": self.model.native_size},
             "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
             "validation_prompts": prompts,
-            "webhook_url": check_webhook_url(req.webhook_url, s) if req.webhook_url else None,
+            "webhook_url": webhook_url,
         }
 
     def create(self, tenant_id: str, req: FineTuneJobRequest, idempotency_key: str | None) -> dict:
