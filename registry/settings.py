@@ -12,7 +12,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -393,7 +393,7 @@ class Settings(BaseSettings):
         description="Hosts a webhook_url may name although they resolve to a loopback, private "
         "or link-local address, or use plain http (e.g. an in-cluster receiver; tests).",
     )
-    webhook_retry_schedule_s: list[float] = Field(
+    webhook_retry_schedule_s: list[Annotated[float, Field(ge=0, le=7 * 86400)]] = Field(
         [10, 30, 90, 270, 810, 2430],
         min_length=1,
         max_length=50,
@@ -427,6 +427,16 @@ class Settings(BaseSettings):
         description="How long an ingress replica holds a claimed delivery before another may "
         "take it over (must exceed webhook_timeout_s).",
     )
+
+    @model_validator(mode="after")
+    def _webhook_lease_outlasts_an_attempt(self) -> Settings:
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError(
+                f"webhook_lease_s={self.webhook_lease_s:g} must exceed webhook_timeout_s="
+                f"{self.webhook_timeout_s:g}: otherwise another replica may take over a delivery "
+                "still being attempted and send it twice"
+            )
+        return self
 
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:

@@ -271,3 +271,13 @@ def test_bad_webhook_requests_get_400_naming_the_field(api, request_, param, say
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert param in (error["param"] or "") and says in error["message"]
+
+
+def test_webhook_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="webhook_lease_s=5 must exceed webhook_timeout_s=10"):
+        Settings(state_dir=tmp_path, webhook_lease_s=5)
+    with pytest.raises(ValueError, match="webhook_retry_schedule_s"):
+        Settings(state_dir=tmp_path, webhook_retry_schedule_s=[])
+    default = Settings(state_dir=tmp_path).webhook_retry_schedule_s
+    assert sum(default) >= 3600  # retries span at least an hour
+    assert all(b == 3 * a for a, b in zip(default, default[1:], strict=False))  # exponential
