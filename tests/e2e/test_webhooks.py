@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 def test_a_finished_fine_tune_reaches_the_tenants_receiver_signed(farm, tmp_path):
     key = farm.new_tenant("hook-co")
     receiver = WebhookReceiver()
-    data = write_brand_zip(tmp_path / "hook.zip", "hook", n=8, seed=3)
+    data = write_brand_zip(tmp_path / "acme.zip", "acme", n=8, seed=3)  # a built-in brand
     try:
         with farm.http(key) as c:
             receiver.secret = c.post("/webhooks/secret").json()["secret"]

@@ -5,6 +5,7 @@ fail its first requests."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +21,7 @@ class Received:
     body: bytes
     verified: dict | None  # the parsed body when the signature checked out
     answered: int
+    at: float  # time.perf_counter() when it arrived
 
 
 class WebhookReceiver:
@@ -56,7 +58,7 @@ class WebhookReceiver:
         with self._lock:
             failing = len(self.received) < self.fail_first
             status = 503 if failing else (200 if verified is not None else 401)
-            self.received.append(Received(headers, body, verified, status))
+            self.received.append(Received(headers, body, verified, status, time.perf_counter()))
         reply = b"try later" if failing else b"thanks"
         handler.send_response(status)
         handler.send_header("content-length", str(len(reply)))
