@@ -106,8 +106,10 @@ class WebhookDispatcher:
                         break
         except httpx.TimeoutException:
             return outcome(f"timed out after {self.settings.webhook_timeout_s:g} s")
-        except httpx.HTTPError as e:
-            return outcome(f"{type(e).__name__}: {e}"[:500])
+        except httpx.ConnectError as e:
+            return outcome(f"could not connect: {e}"[:500])
+        except httpx.HTTPError as e:  # the tenant sees this: plain words, no exception class
+            return outcome(f"the request failed: {e}"[:500])
         body = excerpt.decode("utf-8", "replace")[:RESPONSE_EXCERPT_CHARS]
         error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
         return outcome(error, response.status_code, body)

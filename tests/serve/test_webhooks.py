@@ -175,6 +175,35 @@ def test_a_delivery_is_signed_posted_and_recorded(settings, resolved, db):
     assert shown.status == "succeeded" and shown.attempts[0].response_body == "received"
 
 
+@pytest.mark.parametrize(
+    ("raised", "says"),
+    [
+        (httpx.ConnectError("[Errno 111] Connection refused"), "could not connect"),
+        (httpx.ReadTimeout("read timed out"), "timed out after 10 s"),
+        (httpx.RemoteProtocolError("peer closed connection"), "the request failed"),
+    ],
+)
+def test_a_failing_endpoint_is_recorded_in_plain_words_and_retried(
+    settings, resolved, db, raised, says
+):
+    engine, _ = db
+    store = WebhookStore(engine)
+    resolved["hooks.example.com"] = [GLOBAL]
+    store.set_url("acme", "https://hooks.example.com/x")
+    store.rotate_secret("acme", 0)
+    delivery = store.enqueue("acme", "render.succeeded", {})
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    client = httpx.Client(transport=httpx.MockTransport(handle))
+    WebhookDispatcher(store, settings, client).deliver_once()
+    shown = store.get("acme", delivery)
+    assert shown.status == "pending" and shown.last_error.startswith(says)
+    assert type(raised).__name__ not in shown.last_error
+    assert 4 < (shown.next_attempt_at - shown.attempts[0].started_at).total_seconds() < 7
+
+
 def test_a_tenant_without_a_secret_gets_no_unsigned_delivery(settings, resolved, db):
     engine, _ = db
     store = WebhookStore(engine)
