@@ -11,7 +11,7 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from cluster.tenant_cli import ApiKey, _client, _get, _ok, console
 from registry.db import make_engine
@@ -80,7 +80,8 @@ def deliveries(
     """Recent deliveries with their attempts."""
     with _client(api_key) as client:
         found = _get(client, "/webhooks/deliveries", limit=limit)["data"]
-    table = Table("delivery", "event", "status", "attempts", "last")
+    # Ids are for copying (into `replay`): never wrapped.
+    table = Table(Column("delivery", no_wrap=True), "event", "status", "attempts", "last")
     for d in found:
         last = d["attempts"][-1] if d["attempts"] else None
         table.add_row(

@@ -14,11 +14,10 @@ from registry.db import make_engine
 from registry.jobs import JobStore
 from registry.settings import Settings
 from registry.tenants import TenantDirectory
-from registry.webhooks import WebhookStore
-from serve.api import ApiServices, create_api
-from serve.webhooks import WebhookDispatcher, WebhookService
+from serve.api import create_api
+from serve.webhooks import WebhookDispatcher
 from tests.polling import wait_for
-from tests.serve.webhook_receiver import WebhookReceiver
+from tests.serve.webhook_receiver import WebhookReceiver, webhook_services
 
 
 @pytest.fixture
@@ -32,19 +31,8 @@ def farm_parts(tmp_path):
     )
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     key = TenantDirectory(engine).create_tenant("acme").key
-    store = WebhookStore(engine)
-    services = ApiServices(
-        model=None,
-        tenants=TenantDirectory(engine),
-        store=None,
-        images=None,
-        files=None,
-        jobs=None,
-        adapters=None,
-        max_request_bytes=64 * 1024,
-        max_upload_bytes=64 * 1024,
-        webhooks=WebhookService(store, settings),
-    )
+    services = webhook_services(engine, settings)
+    store = services.webhooks.store
     receiver = WebhookReceiver(fail_first=3)
     # Two dispatchers on one database: what two ingress replicas run.
     stops = [WebhookDispatcher(store, settings).start() for _ in range(2)]

@@ -20,11 +20,12 @@ from registry.sql_base import utcnow
 from registry.tenants import TenantDirectory
 from registry.webhooks import WebhookStore, new_secret
 from serve import webhook_urls
-from serve.api import ApiServices, create_api
+from serve.api import create_api
 from serve.errors import InvalidField
 from serve.jobs import FineTuneJobRequest, JobService
 from serve.webhook_urls import check_webhook_url
-from serve.webhooks import WebhookDispatcher, WebhookService, signature_headers
+from serve.webhooks import WebhookDispatcher, signature_headers
+from tests.serve.webhook_receiver import webhook_services
 
 #: A global address, only ever a resolver's (monkeypatched) answer here: nothing is sent to it.
 GLOBAL = "93.184.215.14"
@@ -222,18 +223,7 @@ def test_a_tenant_without_a_secret_gets_no_unsigned_delivery(settings, resolved,
 def api(settings, db, resolved):
     engine, keys = db
     resolved["hooks.example.com"] = [GLOBAL]
-    services = ApiServices(
-        model=None,
-        tenants=TenantDirectory(engine),
-        store=None,
-        images=None,
-        files=None,
-        jobs=None,
-        adapters=None,
-        max_request_bytes=64 * 1024,
-        max_upload_bytes=64 * 1024,
-        webhooks=WebhookService(WebhookStore(engine), settings),
-    )
+    services = webhook_services(engine, settings)
     with TestClient(create_api(services)) as client:
         yield client, keys, services.webhooks.store
 

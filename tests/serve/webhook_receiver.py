@@ -1,6 +1,6 @@
-"""A real webhook receiver for the tests: a threaded HTTP server on 127.0.0.1 that checks every
+"""Webhook test parts: a real receiver (a threaded HTTP server on 127.0.0.1 that checks every
 delivery with the `standardwebhooks` package, as a tenant's endpoint would, and can be told to
-fail its first requests."""
+fail its first requests), and API services with only the webhook routes working."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from sqlalchemy.engine import Engine
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from cluster.processes import free_ports
+from registry.settings import Settings
+from registry.tenants import TenantDirectory
+from registry.webhooks import WebhookStore
+from serve.api import ApiServices
+from serve.webhooks import WebhookService
 
 
 @dataclass(frozen=True)
@@ -77,3 +83,20 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def webhook_services(engine: Engine, settings: Settings) -> ApiServices:
+    """API services over `engine` where only authentication and `/v1/webhooks` work (no object
+    store, model or cluster: nothing else is called)."""
+    return ApiServices(
+        model=None,
+        tenants=TenantDirectory(engine),
+        store=None,
+        images=None,
+        files=None,
+        jobs=None,
+        adapters=None,
+        max_request_bytes=64 * 1024,
+        max_upload_bytes=64 * 1024,
+        webhooks=WebhookService(WebhookStore(engine), settings),
+    )
