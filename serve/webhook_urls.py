@@ -4,7 +4,8 @@ A webhook URL must be https, and every address its host resolves to must be a pu
 loopback, private, link-local, multicast, reserved or unspecified address, so a tenant cannot
 point the farm at its own network. Hosts in the `webhook_allow_hosts` setting are exempt (an
 in-cluster receiver; the tests' loopback receiver), plain http included. The check runs when a
-URL is set and again before each delivery, since DNS answers may change in between.
+URL is set and again before each delivery, since DNS answers may change in between; the delivery
+then connects to the very address it checked (`delivery_address`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _refused(address: str) -> str | None:
     return None
 
 
-def check_webhook_url(url: str, settings: Settings, field: str = FIELD) -> str:
-    """`url` if the farm may deliver webhooks to it; else InvalidField (400) naming `field`."""
+def _checked(url: str, settings: Settings, field: str) -> list[str] | None:
+    """The addresses `url`'s host resolves to, all public (None: an allowed host, unchecked);
+    InvalidField (400) naming `field` if the farm may not deliver to it."""
     if len(url) > MAX_URL_CHARS:
         raise InvalidField(field, f"{field} must be at most {MAX_URL_CHARS} characters")
     try:
@@ -57,7 +59,7 @@ def check_webhook_url(url: str, settings: Settings, field: str = FIELD) -> str:
     if parts.username is not None or parts.password is not None:
         raise InvalidField(field, f"{field} must not carry credentials (user:password@)")
     if host in {h.lower() for h in settings.webhook_allow_hosts}:
-        return url
+        return None
     if parts.scheme != "https":
         raise InvalidField(field, f"{field} must use https, got {parts.scheme}://")
     try:
@@ -72,4 +74,18 @@ def check_webhook_url(url: str, settings: Settings, field: str = FIELD) -> str:
                 f"{field} host {host!r} resolves to the {why} address {address}; webhooks go "
                 "only to public addresses (an operator may allow a host in webhook_allow_hosts)",
             )
+    return addresses
+
+
+def check_webhook_url(url: str, settings: Settings, field: str = FIELD) -> str:
+    """`url` if the farm may deliver webhooks to it; else InvalidField (400) naming `field`."""
+    _checked(url, settings, field)
     return url
+
+
+def delivery_address(url: str, settings: Settings) -> str | None:
+    """Check `url` again before a delivery and return the address to connect to: one that was
+    just checked, so that a DNS answer changing after the check (rebinding) cannot send the
+    request elsewhere. None for an allowed host, which is connected to by name."""
+    addresses = _checked(url, settings, FIELD)
+    return addresses[0] if addresses else None

@@ -169,6 +169,9 @@ def test_a_delivery_is_signed_posted_and_recorded(settings, resolved, db):
     sent: list[httpx.Request] = []
     WebhookDispatcher(store, settings, _transport(sent)).deliver_once()
     (request,) = sent
+    # Sent to the address just checked (a later DNS answer cannot redirect it), by name.
+    assert request.url.host == GLOBAL and request.headers["host"] == "hooks.example.com"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"  # TLS checks the name
     body = Webhook(secret).verify(request.content, dict(request.headers))
     assert body["type"] == "render.succeeded" and body["data"] == {"id": "r1"}
     assert request.headers["webhook-id"] == store.get("acme", delivery).event_id
