@@ -72,6 +72,9 @@ def test_enqueue_uses_the_given_url_else_the_default_else_records_no_endpoint(st
     assert body["timestamp"].endswith("Z")
     with pytest.raises(ValueError, match="unknown webhook event type"):
         store.enqueue("acme", "render.exploded", {})
+    # An event that had nowhere to go is sent to the default set since, when replayed.
+    replayed = store.replay("acme", none, store.config("acme").url)
+    assert (replayed.status, replayed.url) == ("pending", URL)
 
 
 def test_a_claim_is_held_by_one_worker_until_its_lease_runs_out(store):
