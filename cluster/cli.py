@@ -15,6 +15,7 @@ from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
 from cluster.topology import Topology
+from cluster.webhook_cli import webhook_admin_app, webhooks_app
 from registry.base_models import BaseModelError
 from registry.limits import SETTING_OF, EffectiveLimits
 from registry.retention import expire_renders
@@ -28,6 +29,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(policy_app, name="policy")
+app.add_typer(webhooks_app, name="webhooks")
+tenants_app.add_typer(webhook_admin_app, name="webhook")
 renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)

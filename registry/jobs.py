@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from registry.sql_base import Base, utcnow
+from registry.webhooks import add_event as add_webhook_event
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -117,6 +118,37 @@ class JobRecord:
             r.submitted,
             r.error_code,
         )
+
+
+def timestamp(value: dt.datetime | None) -> int | None:
+    """Unix seconds, as the API shows times."""
+    return int(value.timestamp()) if value is not None else None
+
+
+def job_object(job: JobRecord) -> dict:
+    """A job as the API and its webhooks show it (OpenAI's fine_tuning.job shape)."""
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "status": job.status,
+        "created_at": timestamp(job.created_at),
+        "started_at": timestamp(job.started_at),
+        "finished_at": timestamp(job.finished_at),
+        "brand": job.brand,
+        "model": job.base_model,
+        "training_file": job.training_file,
+        "trigger_word": job.spec.get("trigger_word"),
+        "hyperparameters": job.spec.get("hyperparameters"),
+        "seed": job.spec.get("seed"),
+        "validation_prompts": job.spec.get("validation_prompts") or [],
+        "webhook_url": job.spec.get("webhook_url"),
+        "adapter_version": job.adapter_version,
+        "fine_tuned_model": f"{job.brand}:{job.adapter_version}" if job.adapter_version else None,
+        "attempts": job.attempts,
+        "error": {"message": job.error, "code": job.error_code or "training_failed", "param": None}
+        if job.error
+        else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -299,6 +331,7 @@ class JobStore:
                     level="error" if status == "failed" else "info",
                 )
             )
+            _add_webhook_events(s, JobRecord.of(s.get(JobRow, job_id, populate_existing=True)))
             return True
 
     def request_cancel(self, tenant_id: str, job_id: str) -> JobRecord | None:
@@ -329,3 +362,21 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         with Session(self.engine) as s:
             return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+
+
+def _add_webhook_events(session: Session, job: JobRecord) -> None:
+    """The webhook events of a job's terminal transition, in the transaction that makes it: the
+    compare-and-set lets one transition win, so each event is written exactly once."""
+    url = job.spec.get("webhook_url")
+    payload = job_object(job)
+    if job.status == "succeeded" and job.adapter_version is not None:
+        version = {
+            "object": "adapter.version",
+            "brand": job.brand,
+            "version": job.adapter_version,
+            "fine_tuned_model": payload["fine_tuned_model"],
+            "base_model": job.base_model,
+            "fine_tuning_job_id": job.id,
+        }
+        add_webhook_event(session, job.tenant_id, "adapter.version.created", version, url)
+    add_webhook_event(session, job.tenant_id, f"fine_tuning.job.{job.status}", payload, url)

@@ -12,7 +12,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -412,6 +412,57 @@ class Settings(BaseSettings):
             load_policy_file(self.content_policy_file)  # PolicyError names the file and rule
         return self
 
+    # --- webhooks (signed event deliveries to tenants' endpoints) -----------------------------
+    webhook_allow_hosts: list[str] = Field(
+        [],
+        description="Hosts a webhook_url may name although they resolve to a loopback, private "
+        "or link-local address, or use plain http (e.g. an in-cluster receiver; tests).",
+    )
+    webhook_retry_schedule_s: list[Annotated[float, Field(ge=0, le=7 * 86400)]] = Field(
+        [10, 30, 90, 270, 810, 2430],
+        min_length=1,
+        max_length=50,
+        description="Waits before each retry of a failed delivery, seconds (exponential by "
+        "default: 6 retries over about an hour); after the last, the delivery is failed.",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Timeout of one delivery attempt (connect and read)."
+    )
+    webhook_disable_after_failures: int = Field(
+        5,
+        ge=1,
+        le=10_000,
+        description="Consecutive failed deliveries (every retry spent) after which an endpoint "
+        "is disabled; setting the URL again re-enables it.",
+    )
+    webhook_secret_grace_s: float = Field(
+        86400.0,
+        ge=0,
+        le=30 * 86400,
+        description="After a secret rotation, how long deliveries are also signed with the "
+        "previous secret (Standard Webhooks allows several signatures).",
+    )
+    webhook_poll_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the ingress looks for due deliveries."
+    )
+    webhook_lease_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="How long an ingress replica holds a claimed delivery before another may "
+        "take it over (must exceed webhook_timeout_s).",
+    )
+
+    @model_validator(mode="after")
+    def _webhook_lease_outlasts_an_attempt(self) -> Settings:
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError(
+                f"webhook_lease_s={self.webhook_lease_s:g} must exceed webhook_timeout_s="
+                f"{self.webhook_timeout_s:g}: otherwise another replica may take over a delivery "
+                "still being attempted and send it twice"
+            )
+        return self
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):
@@ -522,6 +573,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = json.dumps(value)  # what pydantic-settings parses a list from
             env[f"BRANDFARM_{name.upper()}"] = str(value)
         return env
 

@@ -27,6 +27,7 @@ from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
 from serve.moderation import ModerationService, moderation_router
 from serve.protocol import ImageGenerationRequest, Text
+from serve.webhooks import WebhookService
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
@@ -67,6 +68,7 @@ class ApiServices:
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
     moderation: ModerationService | None = None  # content policy routes (none: no routes)
+    webhooks: WebhookService | None = None  # the /v1/webhooks routes (serve.webhooks_api)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -259,4 +261,7 @@ def create_api(services: ApiServices) -> FastAPI:
 
     if services.moderation is not None:
         app.include_router(moderation_router(services.moderation))
+    from serve.webhooks_api import router as webhooks_router  # it imports this module
+
+    app.include_router(webhooks_router)
     return app

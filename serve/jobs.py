@@ -17,13 +17,14 @@ from finetune.job import checkpoint_steps, discard_job_objects
 from finetune.launcher import JobLauncher, LaunchError
 from registry.base_models import BaseModelInfo
 from registry.files import FileCatalog
-from registry.jobs import TERMINAL, JobRecord, JobStore
+from registry.jobs import TERMINAL, JobRecord, JobStore, job_object, timestamp
 from registry.settings import Settings
 from registry.storage import ObjectStore, StorageError
 from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
 from serve.limits import LimitGuard
 from serve.protocol import MAX_SEED, STRICT_BODY, Text
 from serve.request_context import request_logger
+from serve.webhook_urls import check_webhook_url
 
 BRAND = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 TRIGGER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
@@ -53,34 +54,9 @@ class FineTuneJobRequest(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int | None = Field(None, description="Training seed; drawn when omitted.")
     validation_prompts: list[Text] | None = Field(None, description="Rendered base vs adapter.")
-
-
-def _ts(value) -> int | None:  # noqa: ANN001
-    return int(value.timestamp()) if value is not None else None
-
-
-def job_object(job: JobRecord) -> dict:
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "status": job.status,
-        "created_at": _ts(job.created_at),
-        "started_at": _ts(job.started_at),
-        "finished_at": _ts(job.finished_at),
-        "brand": job.brand,
-        "model": job.base_model,
-        "training_file": job.training_file,
-        "trigger_word": job.spec.get("trigger_word"),
-        "hyperparameters": job.spec["hyperparameters"],
-        "seed": job.spec["seed"],
-        "validation_prompts": job.spec.get("validation_prompts") or [],
-        "adapter_version": job.adapter_version,
-        "fine_tuned_model": f"{job.brand}:{job.adapter_version}" if job.adapter_version else None,
-        "attempts": job.attempts,
-        "error": {"message": job.error, "code": job.error_code or "training_failed", "param": None}
-        if job.error
-        else None,
-    }
+    webhook_url: Text | None = Field(
+        None, description="Where this job's events go (default: the tenant's webhook URL)."
+    )
 
 
 class JobService:
@@ -163,6 +139,7 @@ class JobService:
                     "validation_prompts",
                     f"each validation prompt must be 1..{s.max_prompt_chars} characters",
                 )
+        webhook_url = check_webhook_url(req.webhook_url, s) if req.webhook_url else None
         if self.files.get(tenant_id, req.training_file) is None:
             raise InvalidField(
                 "training_file",
@@ -175,6 +152,7 @@ class JobService:
             "hyperparameters": {**hp.model_dump(), "resolution": self.model.native_size},
             "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
             "validation_prompts": prompts,
+            "webhook_url": webhook_url,
         }
 
     def create(self, tenant_id: str, req: FineTuneJobRequest, idempotency_key: str | None) -> dict:
@@ -240,7 +218,7 @@ class JobService:
                 {
                     "object": "fine_tuning.job.event",
                     "id": str(e.id),
-                    "created_at": _ts(e.created_at),
+                    "created_at": timestamp(e.created_at),
                     "level": e.level,
                     "message": e.message,
                     "data": {"step": e.step, "loss": e.loss},

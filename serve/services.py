@@ -20,6 +20,7 @@ from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
+from registry.webhooks import WebhookStore
 from serve.adapters import AdapterService
 from serve.api import ApiServices
 from serve.files import FileService
@@ -31,6 +32,7 @@ from serve.moderation import ModerationService
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
+from serve.webhooks import WebhookDispatcher, WebhookService
 
 
 def build_services(
@@ -94,12 +96,14 @@ def build_services(
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
         db_pool=pools.db,
         moderation=moderation,
+        webhooks=WebhookService(WebhookStore(engine), settings),
     )
 
 
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
-    Ray jobs, the outbox gets submitted) and the render-retention sweeper. Returns a stop."""
+    Ray jobs, the outbox gets submitted), the render-retention sweeper and the webhook
+    dispatcher. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
     sweeper = RetentionSweeper(
@@ -116,8 +120,10 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
         settings.job_reconcile_interval_s,
         on_ended=lambda job: discard_job_objects(store, job),
     ).start()
+    webhooks_stop = WebhookDispatcher(services.webhooks.store, settings).start()
 
     def stop() -> None:
+        webhooks_stop.set()
         reconciler_stop.set()
         sweeper.stop()
 

@@ -39,6 +39,7 @@ def farm_settings(state_dir: Path, **overrides: object) -> Settings:
         adapter_resolve_ttl_s=1.0,
         # Jobs whose Ray job died turn failed within seconds, not the production 15 s.
         job_reconcile_interval_s=2.0,
+        webhook_allow_hosts=["127.0.0.1"],  # the webhook tests' loopback receiver
         # A distinctive value, so a leak into Ray's job data would be found (test_finetune).
         api_key="bf-e2e-apikey-must-never-reach-ray-7f3a9c",
         **{**ports, **overrides},  # an override may pin a port

@@ -1,7 +1,7 @@
 """Content policy: tenants' policy documents and the moderation audit trail.
 
 Revision ID: 0010_content_policy
-Revises: 0003_job_reconcile
+Revises: 0006_webhooks
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_content_policy"
-down_revision = "0003_job_reconcile"
+down_revision = "0006_webhooks"
 branch_labels = None
 depends_on = None
 
