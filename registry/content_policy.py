@@ -68,6 +68,18 @@ class ContentPolicy(BaseModel):
     moderation: Moderation = Field(
         "auto", description="`auto` (every rule) or `low` (sensitive_terms waived)."
     )
+    near_duplicate: Literal["off", "flag", "block"] = Field(
+        "flag",
+        description="An output whose perceptual hash is near a reference image or one of its "
+        "adapter's training images: `flag` (response, PNG metadata, metric), `block` (422 "
+        "near_duplicate) or `off`.",
+    )
+    near_duplicate_distance: int = Field(
+        6,
+        ge=0,
+        le=32,
+        description="Largest Hamming distance of the 64-bit pHashes that counts as near.",
+    )
 
     @field_validator("blocked_terms", "protected_marks", "sensitive_terms")
     @classmethod

@@ -285,7 +285,23 @@ class Ingress:
             renders.inc(tags={"tenant": tenant})
             rendered_images.inc(images, tags={"tenant": tenant})
 
-        services = build_services(settings, model, ServeRenderer(replica), on_rendered=on_rendered)
+        near_duplicates = metrics.Counter(
+            "brandfarm_near_duplicates",
+            description="Rendered images near a reference or training image, per tenant and "
+            "action (flag, block).",
+            tag_keys=("tenant", "action"),
+        )
+
+        def on_near_duplicate(tenant: str, action: str) -> None:
+            near_duplicates.inc(tags={"tenant": tenant, "action": action})
+
+        services = build_services(
+            settings,
+            model,
+            ServeRenderer(replica),
+            on_rendered=on_rendered,
+            on_near_duplicate=on_near_duplicate,
+        )
         # Job records follow their Ray jobs (the outbox gets submitted) and old renders expire,
         # from this replica on; both are idempotent across ingress replicas.
         self._background = start_background_work(settings, services)

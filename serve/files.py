@@ -1,4 +1,5 @@
-"""Uploaded files (fine-tune datasets): validate fully, store, verify, then record.
+"""Uploaded files (fine-tune datasets, reference images): validate fully, store, verify, then
+record, with the pHash of every image (`registry.near_duplicates`).
 
 OpenAI's Files API shape. Nothing is kept unless the whole dataset passed validation and the
 stored object's bytes were read back with the right sha256; any failure removes what was written.
@@ -7,10 +8,13 @@ stored object's bytes were read back with the right sha256; any failure removes 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Callable
 
 from finetune.datasets import DatasetLimits, DatasetRejected, validate_dataset_zip
 from registry.files import FileCatalog, FileRecord, new_file_id
+from registry.near_duplicates import ImageHashIndex, zip_image_hashes
 from registry.sql_base import utcnow
 from registry.storage import ObjectStore, StorageError, tenant_prefix
 from serve.errors import APIError, InvalidField, StorageUnavailable
@@ -19,7 +23,9 @@ from serve.limits import LimitGuard
 from serve.moderation import ModerationService
 
 log = logging.getLogger(__name__)
-PURPOSES = ("fine-tune",)
+#: `fine-tune`: a training dataset (images + captions); `reference`: images the tenant protects
+#: (every render is compared with them, `serve.near_duplicates`), captions optional.
+PURPOSES = ("fine-tune", "reference")
 
 
 def file_object(record: FileRecord) -> dict:
@@ -50,8 +56,14 @@ class FileService:
         tenant_limits: LimitGuard | None = None,
         storage_pool: BlockingPool | None = None,
         moderation: ModerationService | None = None,
+        hashes: ImageHashIndex | None = None,
+        on_hashed: Callable[[str], None] | None = None,
     ) -> None:
         self.moderation = moderation
+        # Every uploaded image's pHash, for the near-duplicate check of renders; `on_hashed`
+        # tells that check a tenant's hashes changed.
+        self.hashes = hashes
+        self.on_hashed = on_hashed
         self.catalog = catalog
         self.store = store
         self.limits = limits
@@ -73,11 +85,15 @@ class FileService:
                 "purpose", f"purpose must be one of {list(PURPOSES)}, got {purpose!r}"
             )
         try:
-            summary = await asyncio.to_thread(validate_dataset_zip, data, self.limits)
+            limits = self.limits
+            if purpose == "reference":  # any number of images from one; captions optional
+                limits = dataclasses.replace(limits, min_images=1, require_captions=False)
+            summary = await asyncio.to_thread(validate_dataset_zip, data, limits)
         except DatasetRejected as e:
             raise APIError(
                 e.status, f"dataset rejected: {e}", param="file", code="invalid_dataset"
             ) from e
+        hashes = await asyncio.to_thread(zip_image_hashes, data) if self.hashes else []
         if self.moderation is not None:  # every caption, before anything is stored
             await self.moderation.check(
                 tenant_id, "dataset", {f"captions[{name}]": text for name, text in summary.captions}
@@ -107,6 +123,17 @@ class FileService:
         except Exception:
             await self.storage.run(self.store.delete, key)
             raise
+        if self.hashes is not None:
+            try:
+                await asyncio.to_thread(
+                    self.hashes.add_file, tenant_id, file_id, summary.sha256, purpose, hashes
+                )
+            except Exception:
+                await asyncio.to_thread(self.catalog.remove, tenant_id, file_id)
+                await self.storage.run(self.store.delete, key)
+                raise
+            if self.on_hashed is not None:
+                self.on_hashed(tenant_id)
         if self.tenant_limits is not None:
             self.tenant_limits.stored(tenant_id, len(data))
         return file_object(record)
@@ -129,6 +156,10 @@ class FileService:
         except StorageError as e:
             raise StorageUnavailable() from e
         self.catalog.remove(tenant_id, file_id)
+        if self.hashes is not None:
+            self.hashes.remove_file(tenant_id, file_id)
+            if self.on_hashed is not None:
+                self.on_hashed(tenant_id)
         if self.tenant_limits is not None:
             self.tenant_limits.stored(tenant_id, -record.bytes)
         return {"id": file_id, "object": "file", "deleted": True}

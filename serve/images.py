@@ -25,6 +25,7 @@ from serve.errors import APIError, InvalidField, StorageUnavailable, registry_un
 from serve.io_pools import BlockingPool, IOPools
 from serve.limits import LimitGuard
 from serve.moderation import ModerationService
+from serve.near_duplicates import NearDuplicateService
 from serve.protocol import (
     AdapterSpec,
     ImageData,
@@ -70,9 +71,11 @@ class ImageService:
         tenant_limits: LimitGuard | None = None,
         pools: IOPools | None = None,
         moderation: ModerationService | None = None,
+        near_duplicates: NearDuplicateService | None = None,
     ) -> None:
         self.tenant_limits = tenant_limits
         self.moderation = moderation
+        self.near_duplicates = near_duplicates
         # Blocking calls run on bounded pools, one per dependency, so that a hung registry
         # (adapter lookups) cannot take the threads base-model renders store and record with.
         self.pools = pools or IOPools(
@@ -175,6 +178,9 @@ class ImageService:
             adapter = await self._resolve(tenant_id, req)
             job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
+            near: list[dict | None] = [None] * len(images)
+            if self.near_duplicates is not None:  # a block (422) stores and charges nothing
+                images, near = await self.near_duplicates.check(tenant_id, adapter, images)
             render_id = secrets.token_hex(12)
             try:
                 keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, images)
@@ -189,14 +195,18 @@ class ImageService:
         if self.on_rendered is not None:
             self.on_rendered(tenant_id, len(images), adapter)
         data = []
-        for key, image in zip(keys, images, strict=True):
+        for key, image, match in zip(keys, images, near, strict=True):
             if req.response_format == "b64_json":
                 data.append(
-                    ImageData(seed=image.seed, b64_json=base64.b64encode(image.png).decode())
+                    ImageData(
+                        seed=image.seed,
+                        b64_json=base64.b64encode(image.png).decode(),
+                        near_duplicate=match,
+                    )
                 )
             else:
                 url = self.store.presigned_get(key, self.presign_expiry_s)  # no I/O: signing
-                data.append(ImageData(seed=image.seed, url=url))
+                data.append(ImageData(seed=image.seed, url=url, near_duplicate=match))
         return ImagesResponse(
             id=render_id,
             created=int(time.time()),

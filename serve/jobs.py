@@ -140,12 +140,19 @@ class JobService:
                     f"each validation prompt must be 1..{s.max_prompt_chars} characters",
                 )
         webhook_url = check_webhook_url(req.webhook_url, s) if req.webhook_url else None
-        if self.files.get(tenant_id, req.training_file) is None:
+        training = self.files.get(tenant_id, req.training_file)
+        if training is None:
             raise InvalidField(
                 "training_file",
                 f"no file {req.training_file!r}; upload one with POST /v1/files",
                 status=404,
                 code="file_not_found",
+            )
+        if training.purpose != "fine-tune":
+            raise InvalidField(
+                "training_file",
+                f"file {req.training_file!r} has purpose {training.purpose!r}; a training file "
+                "must be uploaded with purpose fine-tune",
             )
         return {
             "trigger_word": req.trigger_word,

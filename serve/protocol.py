@@ -90,6 +90,7 @@ class AdapterSpec:
     sha256: str
     weights_uri: str
     ref: str  # what the request named, e.g. "acme" or "acme@staging"
+    dataset_sha256: str = ""  # of the version's training data (near-duplicate checks)
 
     @property
     def model_id(self) -> str:
@@ -248,9 +249,12 @@ class ImageData:
     seed: int
     url: str | None = None
     b64_json: str | None = None
+    near_duplicate: dict | None = None  # the nearest protected or training image, if flagged
 
     def to_dict(self) -> dict:
         d: dict = {"seed": self.seed}
+        if self.near_duplicate is not None:
+            d["near_duplicate"] = self.near_duplicate
         if self.url is not None:
             d["url"] = self.url
         if self.b64_json is not None:

@@ -45,8 +45,10 @@ class AdapterResolver:
         self.ttl_s = ttl_s
         self.stale_s = stale_s
         self.clock = clock
-        # (tenant, brand, version) -> (sha256, weights uri): immutable facts.
-        self._versions: LRUCache[tuple[str, str, int], tuple[str, str]] = LRUCache(_MAX_ENTRIES)
+        # (tenant, brand, version) -> (sha256, weights uri, dataset sha256): immutable facts.
+        self._versions: LRUCache[tuple[str, str, int], tuple[str, str, str]] = LRUCache(
+            _MAX_ENTRIES
+        )
         # (tenant, alias ref) -> (fetched at, version).
         self._aliases: LRUCache[tuple[str, str], tuple[float, int]] = LRUCache(_MAX_ENTRIES)
         self._lock = threading.Lock()
@@ -59,7 +61,7 @@ class AdapterResolver:
             known = self._versions.get(key)
         if known is None:
             known = self._lookup(tenant, AdapterRef(ref.brand, version=version))[1]
-        sha256, uri = known
+        sha256, uri, dataset_sha256 = known
         return AdapterSpec(
             tenant=tenant,
             brand=ref.brand,
@@ -68,6 +70,7 @@ class AdapterResolver:
             sha256=sha256,
             weights_uri=uri,
             ref=str(ref),
+            dataset_sha256=dataset_sha256,
         )
 
     def _alias_version(self, tenant: str, ref: AdapterRef) -> int:
@@ -95,7 +98,7 @@ class AdapterResolver:
             self._aliases[key] = (now, version)
         return version
 
-    def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str]]:
+    def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str, str]]:
         """Ask the registry; remember the version's immutable facts."""
         found = self.registry.resolve(tenant, ref)
         if not found.sha256:
@@ -109,7 +112,8 @@ class AdapterResolver:
         with self._lock:
             known = self._versions.get(key)
         if known is None:
-            known = (found.sha256, self.registry.weights_uri(found))
+            dataset = found.tags.get("dataset_sha256", "")
+            known = (found.sha256, self.registry.weights_uri(found), dataset)
             with self._lock:
                 self._versions[key] = known
         return found.version, known

@@ -16,6 +16,7 @@ from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
+from registry.near_duplicates import ImageHashIndex
 from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
@@ -29,6 +30,7 @@ from serve.io_pools import IOPools
 from serve.jobs import JobService
 from serve.limits import LimitGuard
 from serve.moderation import ModerationService
+from serve.near_duplicates import NearDuplicateObserver, NearDuplicateService
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -40,6 +42,7 @@ def build_services(
     model: BaseModelInfo,
     renderer: Renderer,
     on_rendered: RenderObserver | None = None,
+    on_near_duplicate: NearDuplicateObserver | None = None,
 ) -> ApiServices:
     """Everything `serve.api.create_api` needs, for fully resolved settings. Bounds this
     process's MLflow client (`mlflow_request_timeout_s`, `mlflow_max_retries`)."""
@@ -58,6 +61,8 @@ def build_services(
         pools.db,
         settings.content_policy_cache_ttl_s,
     )
+    hashes = ImageHashIndex(engine)
+    near_duplicates = NearDuplicateService(hashes, moderation, pools.db, on_near_duplicate)
     images = ImageService(
         limits=RenderLimits.from_settings(settings, model),
         renderer=renderer,
@@ -72,6 +77,7 @@ def build_services(
         tenant_limits=guard,
         pools=pools,
         moderation=moderation,
+        near_duplicates=near_duplicates,
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
@@ -88,6 +94,8 @@ def build_services(
             tenant_limits=guard,
             storage_pool=pools.storage,
             moderation=moderation,
+            hashes=hashes,
+            on_hashed=near_duplicates.forget,
         ),
         jobs=jobs,
         adapters=AdapterService(registry, pools.registry),

@@ -216,4 +216,6 @@ def test_the_default_policy_is_empty_and_auto():
         "protected_marks": [],
         "sensitive_terms": [],
         "moderation": "auto",
+        "near_duplicate": "flag",
+        "near_duplicate_distance": 6,
     }

@@ -1,4 +1,5 @@
-"""Content policy: tenants' policy documents and the moderation audit trail.
+"""Content safety: tenants' policy documents, the moderation audit trail, and the perceptual
+hashes of uploaded images (near-duplicate checks).
 
 Revision ID: 0010_content_policy
 Revises: 0006_webhooks
@@ -35,9 +36,25 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(length=64), nullable=True),
     )
     op.create_index("ix_moderation_events_tenant_id", "moderation_events", ["tenant_id"])
+    op.create_table(
+        "image_hashes",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("tenant_id", sa.String(length=63), sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("file_id", sa.String(length=40), nullable=False),
+        sa.Column("file_sha256", sa.String(length=64), nullable=False),
+        sa.Column("purpose", sa.String(length=32), nullable=False),
+        sa.Column("name", sa.String(length=512), nullable=False),
+        sa.Column("phash", sa.String(length=16), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    for column in ("tenant_id", "file_id", "file_sha256"):
+        op.create_index(f"ix_image_hashes_{column}", "image_hashes", [column])
 
 
 def downgrade() -> None:
+    for column in ("tenant_id", "file_id", "file_sha256"):
+        op.drop_index(f"ix_image_hashes_{column}", table_name="image_hashes")
+    op.drop_table("image_hashes")
     op.drop_index("ix_moderation_events_tenant_id", table_name="moderation_events")
     op.drop_table("moderation_events")
     op.drop_table("content_policies")
