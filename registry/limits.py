@@ -33,6 +33,7 @@ SETTING_OF = {
     "max_queued_jobs": "max_queued_jobs_per_tenant",
     "max_stored_bytes": "max_stored_bytes_per_tenant",
     "render_retention_days": "render_retention_days",
+    "max_inflight_renders": "max_inflight_per_tenant",
 }
 
 
@@ -56,6 +57,7 @@ class EffectiveLimits:
     max_queued_jobs: int | None
     max_stored_bytes: int | None
     render_retention_days: float | None
+    max_inflight_renders: int | None
 
     @classmethod
     def of(cls, settings: Settings, overrides: LimitOverrides) -> EffectiveLimits:
