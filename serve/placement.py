@@ -91,6 +91,7 @@ def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
     Serve's default of 5 does not cap every replica's batch."""
     replicas = settings.max_replicas if settings.autoscale else settings.num_replicas
     return {
+        "num_replicas": settings.ingress_replicas,
         "ray_actor_options": ingress_actor_options(settings),
         "max_ongoing_requests": max(
             settings.ingress_max_ongoing_requests, settings.max_ongoing_requests * replicas

@@ -15,6 +15,7 @@ from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
+from registry.render_limits import RenderLimiter
 from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
@@ -59,6 +60,7 @@ def build_services(
         on_rendered=on_rendered,
         tenant_limits=guard,
         pools=pools,
+        limiter=RenderLimiter(engine, settings.render_lease_s),
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
