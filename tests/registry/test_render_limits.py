@@ -1,5 +1,6 @@
-"""The cluster-wide render limiter on SQLite and Postgres: reservations never overshoot the
-hourly quota under concurrency, failures give capacity back, expired leases stop counting."""
+"""The cluster-wide limits on SQLite and Postgres: render reservations never overshoot the
+hourly quota under concurrency, failures give capacity back, expired leases stop counting; job
+admission is exclusive across ingress replicas."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.jobs import JobStore
+from registry.limits import LimitExceeded, TenantLimits
 from registry.render_limits import (
     AdmissionRefused,
     QuotaReservationRow,
     RenderLimiter,
     RenderSlotRow,
 )
+from registry.settings import Settings
 from registry.tenants import RenderRow, TenantDirectory
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -188,3 +192,29 @@ def test_limits_are_per_tenant_and_unknown_tenants_are_refused(tenants):
         limiter.admit("nobody", 1, max_inflight=1)
     with pytest.raises(ValueError, match="images must be >= 1"):
         limiter.admit("acme", 0, max_inflight=1)
+
+
+def test_job_admission_holds_across_ingress_replicas(tenants):
+    """Two ingress replicas (two TenantLimits over one database) admit concurrent fine-tune
+    creates of one tenant: the job cap is never passed (registry.tenant_lock)."""
+    tenants.create_tenant("acme")
+    tenants.set_limits("acme", max_concurrent_fine_tunes=2)
+    jobs = JobStore(tenants.engine)
+    replicas = [TenantLimits(Settings(), tenants, store=None) for _ in range(2)]  # no S3 cap
+    start = threading.Barrier(8)
+
+    def create(i: int) -> bool:
+        limits = replicas[i % 2]
+        start.wait()
+        with limits.admission("acme"):
+            try:
+                limits.check_new_job("acme", None)
+            except LimitExceeded:
+                return False
+            jobs.create("acme", "brand", "file-1", "m", {})
+            return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        created = list(pool.map(create, range(8)))
+    assert created.count(True) == 2
+    assert replicas[0].job_counts("acme") == {"queued": 2, "running": 0}
