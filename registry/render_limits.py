@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,15 +64,17 @@ class AdmissionRefused(Exception):
         super().__init__(f"{limit}={cap}: {used} in use, {asked} asked")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Admission:
     """What one admitted render holds: its slot and, for a tenant with a quota, its
-    reservation of `images` images (None: no slot asked / no quota to reserve from)."""
+    reservation of `images` images (None: no slot asked / no quota to reserve from).
+    `ended` once committed or released: it holds nothing any more."""
 
     tenant_id: str
     images: int
     slot_id: str | None
     reservation_id: str | None
+    ended: bool = False
 
 
 def _new_id() -> str:
@@ -90,16 +93,30 @@ class RenderLimiter:
         self.engine = engine
         self.lease = dt.timedelta(seconds=lease_s)
         self.clock = clock
+        self._sqlite_writer = threading.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A write transaction. On SQLite it holds the database's writer lock from its first
+        statement, and the threads of this process queue for it on a lock of their own."""
+        if self._sqlite_writer is None:
+            with Session(self.engine) as s, s.begin():
+                yield s
+            return
+        # SQLite's busy handler polls with growing sleeps; threads that queue here instead are
+        # served in turn (see bench/render_limits.py).
+        with self._sqlite_writer, Session(self.engine) as s, s.begin():
+            # pysqlite begins lazily at the first write; a read before it would let two
+            # admissions count the same rows. IMMEDIATE takes the writer lock now (another
+            # process's admission waits up to the busy timeout).
+            s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            yield s
 
     @contextmanager
     def _tenant_locked(self, tenant_id: str) -> Iterator[tuple[Session, TenantRow]]:
-        """A write transaction holding the tenant's admission lock until it commits."""
-        with Session(self.engine) as s, s.begin():
-            if self.engine.dialect.name == "sqlite":
-                # pysqlite begins lazily at the first write; a read before it would let two
-                # admissions count the same rows. IMMEDIATE takes the writer lock now (others
-                # wait up to the busy timeout).
-                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        """A write transaction holding the tenant's admission lock until it commits: the
+        tenant's row lock on Postgres, the writer lock on SQLite."""
+        with self._writing() as s:
             tenant = s.scalar(select(TenantRow).where(TenantRow.id == tenant_id).with_for_update())
             if tenant is None:
                 raise KeyError(tenant_id)
@@ -182,7 +199,7 @@ class RenderLimiter:
         already expired (and may have been dropped: its limits no longer hold it)."""
         expires = self.clock() + self.lease
         renewed = expected = 0
-        with Session(self.engine) as s, s.begin():
+        with self._writing() as s:
             for table, row_id in (
                 (RenderSlotRow, admission.slot_id),
                 (QuotaReservationRow, admission.reservation_id),
@@ -195,16 +212,19 @@ class RenderLimiter:
                 ).rowcount
         return renewed == expected
 
+    @staticmethod
+    def _drop(s: Session, admission: Admission) -> None:
+        if admission.slot_id is not None:
+            s.execute(delete(RenderSlotRow).where(RenderSlotRow.id == admission.slot_id))
+        if admission.reservation_id is not None:
+            held = QuotaReservationRow.id == admission.reservation_id
+            s.execute(delete(QuotaReservationRow).where(held))
+
     def commit(self, admission: Admission, render_id: str, images: int, base_model: str) -> None:
-        """The render succeeded: record its usage (`images` images) and drop its reservation,
-        in one transaction. The slot stays until `release`."""
-        with Session(self.engine) as s, s.begin():
-            if admission.reservation_id is not None:
-                s.execute(
-                    delete(QuotaReservationRow).where(
-                        QuotaReservationRow.id == admission.reservation_id
-                    )
-                )
+        """The render succeeded: its slot and reservation become one usage row (`images`
+        images), in one transaction, so usage is counted exactly once."""
+        with self._writing() as s:
+            self._drop(s, admission)
             s.add(
                 RenderRow(
                     id=render_id,
@@ -214,18 +234,16 @@ class RenderLimiter:
                     created_at=self.clock(),
                 )
             )
+        admission.ended = True
 
     def release(self, admission: Admission) -> None:
-        """Give back the slot and any reservation not committed (failure, cancel, or done)."""
-        with Session(self.engine) as s, s.begin():
-            if admission.slot_id is not None:
-                s.execute(delete(RenderSlotRow).where(RenderSlotRow.id == admission.slot_id))
-            if admission.reservation_id is not None:
-                s.execute(
-                    delete(QuotaReservationRow).where(
-                        QuotaReservationRow.id == admission.reservation_id
-                    )
-                )
+        """Give back the slot and reservation of a render that failed or was cancelled (a
+        no-op after `commit`), so the render charges nothing."""
+        if admission.ended:
+            return
+        with self._writing() as s:
+            self._drop(s, admission)
+        admission.ended = True
 
     def inflight(self, tenant_id: str) -> int:
         """The tenant's live slots, on every ingress."""

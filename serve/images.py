@@ -115,8 +115,8 @@ class ImageService:
     async def _slot(self, tenant_id: str, images: int) -> AsyncIterator[Admission]:
         """Admit the request under the tenant's in-flight limit and hourly image quota, on
         every ingress replica at once (a slot and a reservation in the farm database). The
-        lease is renewed while the request runs; the slot and any reservation not committed
-        are given back when it ends, however it ends."""
+        lease is renewed while the request runs. Success commits both as usage
+        (`RenderLimiter.commit`); any other end gives them back."""
         try:
             admission = await self.pools.db.run(
                 self.limiter.admit, tenant_id, images, self.max_inflight
@@ -138,6 +138,8 @@ class ImageService:
         every = self.limiter.lease.total_seconds() / 3
         while True:
             await asyncio.sleep(every)
+            if admission.ended:  # committed: nothing left to hold
+                return
             try:
                 if not await self.pools.db.run(self.limiter.renew, admission):
                     log.warning("render lease of %s lapsed before renewal", admission.tenant_id)
