@@ -59,7 +59,14 @@ DEFAULT_LEASE_S = 60.0
 
 
 def _refusal(e: AdmissionRefused) -> APIError:
-    """429 for a limit that clears by itself: a render finishing, usage aging out."""
+    """429 for a limit that clears by itself: a render finishing, usage aging out; 403 for an
+    in-flight cap of 0, a plan without renders."""
+    if e.cap == 0:
+        return APIError(
+            403,
+            f"this tenant's plan allows no renders ({e.limit}=0)",
+            code=f"{e.limit}_exceeded",
+        )
     if e.limit == "images_per_hour":
         return APIError(
             429,

@@ -63,3 +63,20 @@ def test_a_failed_render_releases_its_reservation(local_parts):
     assert again.status_code == 200, again.text  # the failed one charged nothing
     assert services.tenants.images_in_last_hour("fail-co") == 1
     assert services.images.limiter.quota_used("fail-co") == 1
+
+
+def test_an_inflight_cap_of_zero_is_403_naming_the_limit(local_parts):
+    services = local_parts.services()
+    key = services.tenants.create_tenant("nothing-co").key
+    services.tenants.set_limits("nothing-co", max_inflight_renders=0)
+
+    async def go():
+        async with client(services, key) as c:
+            return await c.post(RENDER, json=TINY)
+
+    resp = asyncio.run(go())
+    assert resp.status_code == 403, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "max_inflight_renders_exceeded"
+    assert "max_inflight_renders=0" in error["message"]
+    assert services.tenants.count_renders("nothing-co") == 0
