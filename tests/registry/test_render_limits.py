@@ -218,3 +218,14 @@ def test_job_admission_holds_across_ingress_replicas(tenants):
         created = list(pool.map(create, range(8)))
     assert created.count(True) == 2
     assert replicas[0].job_counts("acme") == {"queued": 2, "running": 0}
+
+
+def test_a_reservation_without_a_slot_counts_against_the_quota_only(tenants):
+    """What a queued render needs before it runs: its images set aside, no slot taken."""
+    tenants.create_tenant("acme", images_per_hour=3)
+    limiter = limiter_for(tenants)
+    queued = limiter.admit("acme", 2, max_inflight=0, slot=False)  # a cap of 0 is not asked
+    assert queued.slot_id is None and queued.reservation_id is not None
+    assert limiter.inflight("acme") == 0 and limiter.quota_used("acme") == 2
+    with pytest.raises(AdmissionRefused):
+        limiter.admit("acme", 2, max_inflight=None, slot=False)
