@@ -5,7 +5,12 @@ and a failed render gives its reservation back."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.render_limits import QuotaReservationRow, RenderSlotRow
 from serve.errors import APIError
 from tests.polling import async_wait_for
 from tests.serve.conftest import client
@@ -80,3 +85,32 @@ def test_an_inflight_cap_of_zero_is_403_naming_the_limit(local_parts):
     assert error["code"] == "max_inflight_renders_exceeded"
     assert "max_inflight_renders=0" in error["message"]
     assert services.tenants.count_renders("nothing-co") == 0
+
+
+def test_a_long_render_keeps_renewing_its_lease(local_parts):
+    """The ingress renews a render's slot and reservation while it runs, so a render longer
+    than one lease keeps what it holds (a crashed ingress stops renewing: its rows lapse)."""
+    services = local_parts.services(render_lease_s=3.0)  # renewed every second
+    key = services.tenants.create_tenant("lease-co", images_per_hour=5).key
+    engine_lock = local_parts.engine._lock
+
+    def leases() -> set[dt.datetime]:
+        with Session(services.tenants.engine) as s:
+            return set(s.scalars(select(RenderSlotRow.expires_at))) | set(
+                s.scalars(select(QuotaReservationRow.expires_at))
+            )
+
+    async def go():
+        async with client(services, key) as c:
+            engine_lock.acquire()
+            try:
+                render = asyncio.create_task(c.post(RENDER, json=TINY))
+                await async_wait_for(lambda: len(leases()) == 1, 60, "admitted")
+                [first] = leases()  # slot and reservation expire together
+                await async_wait_for(lambda: min(leases()) > first, 60, "lease renewed")
+            finally:
+                engine_lock.release()
+            return await render
+
+    assert asyncio.run(go()).status_code == 200
+    assert leases() == set()  # committed: nothing held any more
