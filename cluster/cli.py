@@ -209,6 +209,7 @@ def tenants_list() -> None:
         "queued jobs",
         "stored bytes",
         "render retention days",
+        "renders in flight",
     )
     for t in _tenants(settings).list_tenants():
         quota = str(t.images_per_hour) if t.images_per_hour else "-"
@@ -237,6 +238,9 @@ def tenants_set_limits(
     render_retention_days: Annotated[
         float | None, typer.Option(help="Days a render's images are kept.")
     ] = None,
+    max_inflight_renders: Annotated[
+        int | None, typer.Option(help="Renders in flight at once, on all ingresses (429 above).")
+    ] = None,
     reset: Annotated[
         list[str] | None,
         typer.Option(
@@ -256,6 +260,7 @@ def tenants_set_limits(
         "max_queued_jobs": max_queued_jobs,
         "max_stored_bytes": max_stored_bytes,
         "render_retention_days": render_retention_days,
+        "max_inflight_renders": max_inflight_renders,
     }
     overrides.update({k: v for k, v in given.items() if v is not None})
     if not overrides:

@@ -40,6 +40,9 @@ PRODUCTION: dict[str, object] = {
     "cpus_per_replica": 4.0,
     "gpus_per_replica": 1.0,
     "memory_per_replica_mb": 24 * 1024,
+    # Two API ingress replicas, so that one lost with its node leaves the API answering; their
+    # limits hold across them (rows in the Postgres database, registry.render_limits).
+    "ingress_replicas": 2,
 }
 
 

@@ -15,7 +15,7 @@ can end above its cap by what requests admitted just under it (and its running j
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from registry.jobs import JobRow
 from registry.settings import Settings
 from registry.storage import ObjectStore, tenant_prefix
+from registry.tenant_lock import tenant_lock
 from registry.tenants import LimitOverrides, TenantDirectory
 
 #: Override name (SQL column, CLI flag) → the farm-wide setting it overrides.
@@ -33,6 +34,7 @@ SETTING_OF = {
     "max_queued_jobs": "max_queued_jobs_per_tenant",
     "max_stored_bytes": "max_stored_bytes_per_tenant",
     "render_retention_days": "render_retention_days",
+    "max_inflight_renders": "max_inflight_per_tenant",
 }
 
 
@@ -56,6 +58,7 @@ class EffectiveLimits:
     max_queued_jobs: int | None
     max_stored_bytes: int | None
     render_retention_days: float | None
+    max_inflight_renders: int | None
 
     @classmethod
     def of(cls, settings: Settings, overrides: LimitOverrides) -> EffectiveLimits:
@@ -76,8 +79,6 @@ class TenantLimits:
         ttl = settings.stored_bytes_cache_ttl_s
         self._stored: TTLCache | None = TTLCache(maxsize=100_000, ttl=ttl) if ttl > 0 else None
         self._lock = threading.Lock()
-        # One admission at a time per tenant in this replica: count, then record, unraced.
-        self._admission: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     def limits_for(self, tenant_id: str) -> EffectiveLimits:
         tenant = self.tenants.get_tenant(tenant_id)
@@ -198,8 +199,7 @@ class TenantLimits:
             self.check_job_slots(tenant_id)
             self.check_stored_bytes(tenant_id)
 
-    def admission(self, tenant_id: str) -> threading.Lock:
+    def admission(self, tenant_id: str) -> AbstractContextManager[None]:
         """Hold while checking and recording a new job, so that two creates of one tenant
-        cannot both take its last slot (in this replica; see the module docstring)."""
-        with self._lock:
-            return self._admission[tenant_id]
+        cannot both take its last slot, on any ingress replica (`registry.tenant_lock`)."""
+        return tenant_lock(self.tenants.engine, tenant_id, "job-admission")

@@ -463,6 +463,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    # --- cluster-wide limits (several ingress replicas) -------------------------------------
+    # In-flight renders and hourly quotas are leased rows in the farm database
+    # (registry.render_limits), so they hold however many ingress replicas serve the API.
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API ingress replicas (Serve deployment `Ingress`); limits hold across them.",
+    )
+    render_lease_s: float = Field(
+        60.0,
+        ge=3,
+        le=3600,
+        description="Lease of a render's in-flight slot and quota reservation; the ingress "
+        "renews it every third of it, so a crashed ingress's hold lapses within one lease.",
+    )
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

@@ -48,6 +48,7 @@ class TenantRow(Base):
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     render_retention_days: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_inflight_renders: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKeyRow(Base):
@@ -83,6 +84,7 @@ class LimitOverrides:
     max_queued_jobs: int | None = None
     max_stored_bytes: int | None = None
     render_retention_days: float | None = None
+    max_inflight_renders: int | None = None
 
     @classmethod
     def of(cls, row: TenantRow) -> LimitOverrides:

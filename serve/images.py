@@ -7,17 +7,20 @@ render whose objects cannot all be stored leaves none behind.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import secrets
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from registry.adapter_refs import AdapterRef
 from registry.adapters import AdapterNotFound, RegistryError
+from registry.render_limits import Admission, AdmissionRefused, RenderLimiter
 from registry.storage import ObjectStore, StorageError, render_key
 from registry.tenants import TenantDirectory
 from serve.adapter_cache import AdapterLoadError
@@ -53,6 +56,35 @@ class AdapterLookup(Protocol):
     def resolve(self, tenant: str, ref: AdapterRef, scale: float) -> AdapterSpec: ...
 
 
+#: The lease of a service built without a limiter (tests, tools); the farm's is a setting.
+DEFAULT_LEASE_S = 60.0
+
+
+def _refusal(e: AdmissionRefused) -> APIError:
+    """429 for a limit that clears by itself: a render finishing, usage aging out; 403 for an
+    in-flight cap of 0, a plan without renders."""
+    if e.cap == 0:
+        return APIError(
+            403,
+            f"this tenant's plan allows no renders ({e.limit}=0)",
+            code=f"{e.limit}_exceeded",
+        )
+    if e.limit == "images_per_hour":
+        return APIError(
+            429,
+            f"hourly image quota exceeded: {e.used} of {e.cap} images used or reserved in the "
+            f"last hour, this request asks for {e.asked}",
+            code="quota_exceeded",
+            headers={"Retry-After": "60"},
+        )
+    return APIError(
+        429,
+        f"too many renders in flight for this tenant (limit {e.cap}); retry when one finishes",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
+
+
 #: Called after each successful render with (tenant, images rendered, adapter or None).
 RenderObserver = Callable[[str, int, AdapterSpec | None], None]
 
@@ -72,6 +104,7 @@ class ImageService:
         pools: IOPools | None = None,
         moderation: ModerationService | None = None,
         near_duplicates: NearDuplicateService | None = None,
+        limiter: RenderLimiter | None = None,
     ) -> None:
         self.tenant_limits = tenant_limits
         self.moderation = moderation
@@ -89,36 +122,42 @@ class ImageService:
         self.tenants = tenants
         self.presign_expiry_s = presign_expiry_s
         self.max_inflight = max_inflight_per_tenant
-        self._inflight: dict[str, int] = defaultdict(int)
+        self.limiter = limiter or RenderLimiter(tenants.engine, DEFAULT_LEASE_S)
 
     @asynccontextmanager
-    async def _slot(self, tenant_id: str, images: int):
-        """Admit the request under the tenant's concurrency limit and hourly image quota."""
-        if self._inflight[tenant_id] >= self.max_inflight:
-            raise APIError(
-                429,
-                f"too many renders in flight for this tenant (limit {self.max_inflight}); "
-                "retry when one finishes",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        self._inflight[tenant_id] += 1
+    async def _slot(self, tenant_id: str, images: int) -> AsyncIterator[Admission]:
+        """Admit the request under the tenant's in-flight limit and hourly image quota, on
+        every ingress replica at once (a slot and a reservation in the farm database). The
+        lease is renewed while the request runs. Success commits both as usage
+        (`RenderLimiter.commit`); any other end gives them back."""
         try:
-            tenant = await self.pools.db.run(self.tenants.get_tenant, tenant_id)
-            quota = tenant.images_per_hour if tenant else None
-            if quota is not None:
-                used = await self.pools.db.run(self.tenants.images_in_last_hour, tenant_id)
-                if used + images > quota:
-                    raise APIError(
-                        429,
-                        f"hourly image quota exceeded: {used} of {quota} images used in the "
-                        f"last hour, this request asks for {images}",
-                        code="quota_exceeded",
-                        headers={"Retry-After": "60"},
-                    )
-            yield
+            admission = await self.pools.db.run(
+                self.limiter.admit, tenant_id, images, self.max_inflight
+            )
+        except AdmissionRefused as e:
+            raise _refusal(e) from None
+        renewing = asyncio.create_task(self._renew(admission))
+        try:
+            yield admission
         finally:
-            self._inflight[tenant_id] -= 1
+            renewing.cancel()
+            try:
+                # Shielded: a second cancel (the client gone) must not leave the rows to lapse.
+                await asyncio.shield(self.pools.db.run(self.limiter.release, admission))
+            except SQLAlchemyError as e:  # the lease frees them; the request's own outcome wins
+                log.warning("releasing a render slot failed (its lease frees it): %s", e)
+
+    async def _renew(self, admission: Admission) -> None:
+        every = self.limiter.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            if admission.ended:  # committed: nothing left to hold
+                return
+            try:
+                if not await self.pools.db.run(self.limiter.renew, admission):
+                    log.warning("render lease of %s lapsed before renewal", admission.tenant_id)
+            except SQLAlchemyError as e:  # the next renewal may succeed within the lease
+                log.warning("renewing a render lease failed: %s", e)
 
     def _store_all(self, tenant_id: str, render_id: str, images: list[RenderedImage]) -> list[str]:
         keys: list[str] = []
@@ -174,7 +213,7 @@ class ImageService:
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
         # queue more than its share of lookups on the registry's pool.
-        async with self._slot(tenant_id, len(job.seeds)):
+        async with self._slot(tenant_id, len(job.seeds)) as admission:
             adapter = await self._resolve(tenant_id, req)
             job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
@@ -188,7 +227,7 @@ class ImageService:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
             await self.pools.db.run(
-                self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
+                self.limiter.commit, admission, render_id, len(images), self.limits.model.id
             )
             if self.tenant_limits is not None:
                 self.tenant_limits.stored(tenant_id, sum(len(im.png) for im in images))

@@ -84,13 +84,16 @@ def replica_bundles(settings: Settings) -> list[dict[str, float]] | None:
 
 
 def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments of `Ingress.options(...)` (also the config file's fields). The ingress
-    is async and light. It admits more requests at once than one tenant may have in flight
-    (`ingress_max_ongoing_requests`), so that a tenant over its limit reaches it and gets 429
-    rather than waiting at the proxy, and at least as many as the replicas can hold, so that
-    Serve's default of 5 does not cap every replica's batch."""
+    """Keyword arguments of `Ingress.options(...)` (also the config file's fields):
+    `ingress_replicas` of them, whose tenant limits hold across them (`registry.render_limits`
+    keeps them in the farm database). The ingress is async and light. Each replica admits more
+    requests at once than one tenant may have in flight (`ingress_max_ongoing_requests`), so
+    that a tenant over its limit reaches it and gets 429 rather than waiting at the proxy, and
+    at least as many as the replicas can hold, so that Serve's default of 5 does not cap every
+    replica's batch."""
     replicas = settings.max_replicas if settings.autoscale else settings.num_replicas
     return {
+        "num_replicas": settings.ingress_replicas,
         "ray_actor_options": ingress_actor_options(settings),
         "max_ongoing_requests": max(
             settings.ingress_max_ongoing_requests, settings.max_ongoing_requests * replicas

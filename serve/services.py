@@ -17,6 +17,7 @@ from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
 from registry.near_duplicates import ImageHashIndex
+from registry.render_limits import RenderLimiter
 from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
@@ -78,6 +79,7 @@ def build_services(
         pools=pools,
         moderation=moderation,
         near_duplicates=near_duplicates,
+        limiter=RenderLimiter(engine, settings.render_lease_s),
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)

@@ -232,7 +232,7 @@ def test_a_burst_over_the_tenant_limit_gets_429_with_retry_after(local_parts):
                 answered_at_once = [t for t in burst if t.done()]
                 calm = asyncio.create_task(o.post(RENDER, json=TINY))  # its own limit
                 await async_wait_for(
-                    lambda: services.images._inflight["calm-co"] == 1, 60, "calm-co admitted"
+                    lambda: services.images.limiter.inflight("calm-co") == 1, 60, "calm-co admitted"
                 )
             finally:
                 engine_lock.release()
@@ -261,11 +261,13 @@ def test_a_cancelled_render_frees_its_slot(local_parts):
         engine_lock.acquire()
         try:
             task = asyncio.create_task(services.images.generate(tenant, req))
-            await async_wait_for(lambda: services.images._inflight[tenant] == 1, 60, "admitted")
+            await async_wait_for(
+                lambda: services.images.limiter.inflight(tenant) == 1, 60, "admitted"
+            )
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            freed = services.images._inflight[tenant]
+            freed = services.images.limiter.inflight(tenant)
         finally:
             engine_lock.release()
         return freed, await services.images.generate(tenant, req)

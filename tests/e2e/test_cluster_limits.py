@@ -1,0 +1,132 @@
+"""Cluster-wide limits on a real farm with two ingress replicas: the hourly quota and the
+in-flight limit hold across them, because both replicas admit through the same database
+(registry.render_limits), not through their own memory."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray.util.state import get_log
+from typer.testing import CliRunner
+
+from cluster.cli import app as cli_app
+from cluster.stack import LocalStack
+from registry.render_limits import RenderLimiter
+from serve.serve_config import APP_NAME, INGRESS
+from tests.conftest import Farm, farm_settings
+from tests.polling import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RENDER = "/images/generations"
+QUICK = {"prompt": "a red circle", "n": 1, "steps": 2, "response_format": "b64_json"}
+# Long enough that a burst sent while it renders arrives before it ends (checked, not assumed).
+LONG = {"prompt": "a blue square", "n": 4, "steps": 1000, "response_format": "b64_json"}
+
+
+@pytest.fixture(scope="module")
+def farm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    settings = farm_settings(
+        tmp_path_factory.mktemp("farm2") / "state",
+        ingress_replicas=2,
+        # Above the bursts below, so that only the limit under test refuses.
+        max_inflight_per_tenant=32,
+        max_steps=1000,
+    )
+    stack = LocalStack(settings)
+    try:
+        yield Farm(stack, stack.up())
+    finally:
+        stack.down()
+
+
+def limiter(farm: Farm) -> RenderLimiter:
+    return RenderLimiter(farm.tenants.engine, farm.settings.render_lease_s)
+
+
+def ingress_replicas(farm: Farm) -> list[dict]:
+    """The running Ingress replicas, as Serve's REST API reports them."""
+    apps = httpx.get(f"{farm.settings.ray_dashboard_url}/api/serve/applications/", timeout=30)
+    replicas = apps.json()["applications"][APP_NAME]["deployments"][INGRESS]["replicas"]
+    return [r for r in replicas if r["state"] == "RUNNING"]
+
+
+def replicas_that_answered(farm: Farm, request_ids: list[str]) -> set[str]:
+    """Which Ingress replicas logged these requests (Serve's access log names the request id
+    the client sent as X-Request-Id)."""
+    gcs = f"{farm.settings.host}:{farm.settings.ray_gcs_port}"
+    answered = set()
+    for replica in ingress_replicas(farm):
+        log = "".join(
+            get_log(
+                address=gcs,
+                node_id=replica["node_id"],
+                filename=replica["log_file_path"].lstrip("/"),
+            )
+        )
+        if any(rid in log for rid in request_ids):
+            answered.add(replica["replica_id"])
+    return answered
+
+
+def burst(farm: Farm, key: str, body: dict, count: int) -> list[httpx.Response]:
+    """`count` concurrent renders, each with its own X-Request-Id."""
+
+    def one(i: int) -> httpx.Response:
+        with farm.http(key) as c:
+            rid = f"req_{secrets.token_hex(8)}"
+            return c.post(RENDER, json=body, headers={"X-Request-Id": rid})
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_the_farm_runs_two_ingress_replicas(farm2):
+    assert len(ingress_replicas(farm2)) == 2
+
+
+def test_twenty_concurrent_renders_against_a_quota_of_ten_give_exactly_ten_images(farm2):
+    key = farm2.new_tenant("quota2-co", images_per_hour=10)
+    answers = burst(farm2, key, QUICK, 20)
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 10 + [429] * 10, [r.text[:200] for r in answers]
+    for r in answers:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "quota_exceeded", r.text
+        else:
+            assert len(r.json()["data"]) == 1
+    assert farm2.tenants.images_in_last_hour("quota2-co") == 10
+    assert farm2.tenants.count_renders("quota2-co") == 10
+    assert limiter(farm2).inflight("quota2-co") == 0  # every slot given back
+    ids = [r.headers["x-request-id"] for r in answers]
+    assert len(replicas_that_answered(farm2, ids)) == 2  # both ingress replicas admitted
+
+
+def test_the_inflight_limit_holds_across_both_ingress_replicas(farm2):
+    key = farm2.new_tenant("inflight2-co")
+    result = CliRunner().invoke(
+        cli_app,
+        ["tenants", "set-limits", "inflight2-co", "--max-inflight-renders", "1"],
+        env=farm2.cli_env(),
+    )
+    assert result.exit_code == 0 and "max_inflight_renders=1" in result.output, result.output
+    slots = limiter(farm2)
+    with ThreadPoolExecutor(max_workers=1) as pool, farm2.http(key) as c:
+        holder = pool.submit(c.post, RENDER, json=LONG)
+        wait_for(lambda: slots.inflight("inflight2-co") == 1, 120, "the long render admitted")
+        refused = burst(farm2, key, QUICK, 8)
+        still_rendering = not holder.done()
+        first = holder.result()
+    assert still_rendering, "the long render ended before the burst was answered; lengthen it"
+    assert first.status_code == 200, first.text
+    assert [r.status_code for r in refused] == [429] * 8, [r.text[:200] for r in refused]
+    for r in refused:
+        error = r.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "limit 1" in error["message"]
+    ids = [r.headers["x-request-id"] for r in refused]
+    assert len(replicas_that_answered(farm2, ids)) == 2  # refused by both, not by one
+    assert slots.inflight("inflight2-co") == 0
