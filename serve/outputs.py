@@ -19,7 +19,7 @@ from registry.settings import Settings
 from serve import watermark
 from serve.image_formats import FORMATS, encode_image, read_parameters
 from serve.provenance import ManifestClaims, sign_manifest
-from serve.signing import SigningIdentity, load_signing_identity
+from serve.signing import SigningIdentity, load_signing_identity, trust_anchors_pem
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,11 @@ class OutputEncoder:
         self,
         identity: SigningIdentity,
         hide_adapter_tenants: frozenset[str] = frozenset(),
+        trust_anchors: str = "",
     ) -> None:
         self.identity = identity
+        #: PEM CA certificates verification trusts (`serve.signing.trust_anchors_pem`).
+        self.trust_anchors = trust_anchors
         self.hide_adapter_tenants = hide_adapter_tenants
 
     @classmethod
@@ -46,7 +49,8 @@ class OutputEncoder:
         """With the settings' signing identity (the farm CA is created on first use when no
         identity is configured); raises `serve.signing.SigningSetupError` naming the file."""
         hidden = {t.strip() for t in settings.provenance_hide_adapter_tenants.split(",")}
-        return cls(load_signing_identity(settings, create_default=True), frozenset(hidden - {""}))
+        identity = load_signing_identity(settings, create_default=True)
+        return cls(identity, frozenset(hidden - {""}), trust_anchors_pem(settings))
 
     def encode(
         self,

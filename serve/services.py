@@ -26,6 +26,7 @@ from serve.images import ImageService, Renderer, RenderObserver
 from serve.io_pools import IOPools
 from serve.jobs import JobService
 from serve.limits import LimitGuard
+from serve.outputs import OutputEncoder
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -59,6 +60,7 @@ def build_services(
         on_rendered=on_rendered,
         tenant_limits=guard,
         pools=pools,
+        outputs=OutputEncoder.from_settings(settings),
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
