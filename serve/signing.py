@@ -159,8 +159,9 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _load_chain(path: Path, what: str, now: datetime.datetime) -> list[x509.Certificate]:
+    pem = _read(path, what)
     try:
-        chain = x509.load_pem_x509_certificates(_read(path, what))
+        chain = x509.load_pem_x509_certificates(pem)
     except ValueError:
         raise SigningSetupError(f"{what} file {path} holds no PEM certificate") from None
     for cert in chain:
@@ -195,8 +196,9 @@ def load_signing_identity(
     if create_default and cert_what == "the farm signer" and not cert_path.exists():
         create_farm_identity(default_folder(settings), now)
     chain = _load_chain(cert_path, cert_what, now)
+    key_pem = _read(key_path, key_what)
     try:
-        key = serialization.load_pem_private_key(_read(key_path, key_what), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         raise SigningSetupError(
             f"{key_what} file {key_path} is not an unencrypted PEM private key"
