@@ -1,9 +1,12 @@
 """What provenance costs and how far the watermark carries, on the built-in model's renders.
 
-    PYTHONPATH=$PWD python bench/provenance.py [--images 6]
+    PYTHONPATH=$PWD python bench/provenance.py [--images 6] [--model]
 
-Renders `--images` images with the built-in model (`brandfarm-shapes`, CPU) at each size it
-renders (32, 64, 128 px), then prints two tables (docs/benchmarks.md, "Provenance"):
+Takes `--images` images at each size the built-in model renders (32, 64, 128 px): scenes of the
+built-in world it was trained on (`finetune.world`, as PNGs with generation parameters, as the
+engine makes them), or with `--model` real renders of `brandfarm-shapes` on the CPU (about 4 s
+at 32 px and 30 s at 64 px each on a busy 2-core box). Then prints two tables
+(docs/benchmarks.md, "Provenance"):
 
 1. Per output format and size: the bytes and milliseconds the watermark and the signed C2PA
    manifest add to the plain encoded file (median over the images).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import random
 import statistics
 import tempfile
 import time
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finetune import world
 from registry.base_models import ensure_base_model
 from registry.settings import Settings
 from serve import watermark
@@ -35,8 +40,17 @@ from serve.image_formats import encode_image, read_parameters
 from serve.outputs import OutputEncoder
 from serve.protocol import RenderJob
 
-SIZES = (32, 64, 128)
 PROMPTS = ("a red circle on a blue background", "a green square", "a yellow triangle on white")
+
+
+def scenes(size: int, n: int) -> list[bytes]:
+    rng = random.Random(size)
+    out = []
+    for i in range(n):
+        combo = rng.choice(world.all_combos())
+        params = {"prompt": world.caption(combo), "seed": i, "base_model": "brandfarm-shapes"}
+        out.append(encode_image(world.render(world.sample_scene(rng, combo), size), "png", params))
+    return out
 
 
 def renders(engine: DiffusionEngine, size: int, n: int) -> list[bytes]:
@@ -127,7 +141,7 @@ def watermark_table(encoder: OutputEncoder, pngs: dict[int, list[bytes]]) -> Non
     print("| render | marked at | " + " | ".join(TRANSFORMS) + " | PSNR dB |")
     print("|---|---|" + "---|" * (len(TRANSFORMS) + 1))
     for size, images in pngs.items():
-        for side in (size, 256, 512):
+        for side in sorted({size, 256, 512}):
             cells: dict[str, list[tuple[float, bool]]] = {t: [] for t in TRANSFORMS}
             psnr = []
             for i, png in enumerate(images):
@@ -151,7 +165,9 @@ def watermark_table(encoder: OutputEncoder, pngs: dict[int, list[bytes]]) -> Non
                 f"{statistics.mean(a for a, _ in v):.3f} / {sum(f for _, f in v)}/{len(v)}"
                 for v in cells.values()
             ]
-            label = "not carried" if side < 256 else f"{side}px"
+            label = f"{side}px" + (" (native)" if side == size else " (upscaled)")
+            if not watermark.carries_watermark(side, side):
+                label, row = f"{side}px: not carried", ["-"] * len(TRANSFORMS)
             print(
                 f"| {size}px | {label} | " + " | ".join(row) + f" | {statistics.mean(psnr):.1f} |"
             )
@@ -159,20 +175,28 @@ def watermark_table(encoder: OutputEncoder, pngs: dict[int, list[bytes]]) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=6, help="Renders per size.")
+    parser.add_argument("--images", type=int, default=6, help="Images per size.")
+    parser.add_argument("--model", action="store_true", help="Real renders of the model.")
+    parser.add_argument("--sizes", default="32,64,128", help="Comma-separated sides.")
     args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(state_dir=Path(tmp) / "state")
-        model = ensure_base_model(
-            settings.base_model, Path(tmp) / "models", settings.max_image_side
-        )
-        engine = DiffusionEngine.load(model, "cpu")
         encoder = OutputEncoder.from_settings(settings)
-        pngs = {size: renders(engine, size, args.images) for size in SIZES}
-        print(f"# bench/provenance.py: {args.images} renders per size of {model.id}")
+        if args.model:
+            model = ensure_base_model(
+                settings.base_model, Path(tmp) / "models", settings.max_image_side
+            )
+            engine = DiffusionEngine.load(model, "cpu")
+            pngs = {size: renders(engine, size, args.images) for size in sizes}
+            engine.close()
+            source = f"renders of {model.id}"
+        else:
+            pngs = {size: scenes(size, args.images) for size in sizes}
+            source = "built-in world scenes"
+        print(f"# bench/provenance.py: {args.images} {source} per size", flush=True)
         overhead_table(encoder, pngs)
         watermark_table(encoder, pngs)
-        engine.close()
 
 
 if __name__ == "__main__":
