@@ -11,16 +11,20 @@ watermark and read as absent (docs/architecture.md, "Provenance", has the measur
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
-from imwatermark import WatermarkDecoder, WatermarkEncoder
 
 PAYLOAD_BITS = 48
-METHOD = "dwtDctSvd"
-#: Embedding strength in the U and V channels (the library's default is 36; 60 survives JPEG
-#: q80 on flat brand imagery, measured in bench/provenance.py). Y is left alone.
+#: Embedding strength per YUV channel; the method marks U only (it reads the first two scales,
+#: and Y is left alone). The library's default is 36; 60 survives JPEG q80 on flat brand
+#: imagery (bench/provenance.py).
 SCALES = (0, 60, 60)
+BLOCK = 4
 #: The library's own minimum (width x height).
 MIN_PIXELS = 256 * 256
 
@@ -39,14 +43,32 @@ def carries_watermark(width: int, height: int) -> bool:
     return width * height >= MIN_PIXELS
 
 
+@cache
+def _method():  # noqa: ANN202 - imwatermark.dwtDctSvd.EmbedDwtDctSvd
+    """The library's DWT-DCT-SVD embedder, loaded on its own: the `imwatermark` package's
+    `__init__` imports torch (for its RivaGAN method), which the ingress must not load."""
+    name = "imwatermark_dwtdctsvd"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("imwatermark")  # finds, does not import
+        if package is None or package.origin is None:
+            raise ImportError("invisible-watermark is not installed")
+        spec = importlib.util.spec_from_file_location(
+            name, Path(package.origin).parent / "dwtDctSvd.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].EmbedDwtDctSvd
+
+
 def embed(rgb: np.ndarray, payload: bytes) -> np.ndarray:
     """The RGB uint8 image with `payload` embedded; unchanged when it is too small to carry it."""
     height, width = rgb.shape[:2]
     if not carries_watermark(width, height):
         return rgb
-    encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", payload)
-    bgr = encoder.encode(np.ascontiguousarray(rgb[:, :, ::-1]), METHOD, scales=list(SCALES))
+    bits = list(np.unpackbits(np.frombuffer(payload, np.uint8)))
+    embedder = _method()(bits, wmLen=len(bits), scales=list(SCALES), block=BLOCK)
+    bgr = embedder.encode(np.ascontiguousarray(rgb[:, :, ::-1]))
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
@@ -55,8 +77,9 @@ def read_bits(rgb: np.ndarray) -> bytes | None:
     height, width = rgb.shape[:2]
     if not carries_watermark(width, height):
         return None
-    decoder = WatermarkDecoder("bytes", PAYLOAD_BITS)
-    return bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), METHOD, scales=list(SCALES)))
+    reader = _method()([], wmLen=PAYLOAD_BITS, scales=list(SCALES), block=BLOCK)
+    bits = reader.decode(np.ascontiguousarray(rgb[:, :, ::-1]))
+    return np.packbits(np.asarray(bits, np.uint8)).tobytes()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ import base64
 import io
 import random
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -227,6 +229,19 @@ def test_images_under_256px_carry_no_watermark_and_read_as_absent(encoder):
     report = verify_image(out.data, encoder.trust_anchors)
     assert report["watermark"]["payload"] is None
     assert report["manifest"]["claims"]["assertions"][RENDER_ASSERTION]["watermark"] is None
+
+
+def test_the_ingress_watermarks_without_importing_torch():
+    code = (
+        "import sys, numpy as np; import serve.api, serve.provenance_api; "
+        "from serve import watermark; "
+        "img = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8); "
+        "p = watermark.payload_for('r', 0); "
+        "assert watermark.read_bits(watermark.embed(img, p)) == p; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_an_unmarked_image_reads_as_absent():
