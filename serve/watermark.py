@@ -25,6 +25,8 @@ PAYLOAD_BITS = 48
 #: imagery (bench/provenance.py).
 SCALES = (0, 60, 60)
 BLOCK = 4
+#: `detect` reads a copy at 2x (a halved image) only up to this side, to bound its work.
+MAX_READ_SIDE = 4096
 #: The library's own minimum (width x height).
 MIN_PIXELS = 256 * 256
 
@@ -101,6 +103,9 @@ def detect(rgb: np.ndarray) -> WatermarkReading:
         candidate = rgb
         if factor != 1:
             h, w = rgb.shape[:2]
+            if max(h, w) * factor > MAX_READ_SIDE:
+                tried.append(f"{factor}x: not tried (over {MAX_READ_SIDE} px)")
+                continue
             candidate = np.asarray(
                 Image.fromarray(rgb).resize((w * factor, h * factor), Image.Resampling.BICUBIC)
             )
