@@ -15,6 +15,7 @@ from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
 from cluster.topology import Topology
+from cluster.verify_cli import verify
 from cluster.webhook_cli import webhook_admin_app, webhooks_app
 from registry.base_models import BaseModelError
 from registry.limits import SETTING_OF, EffectiveLimits
@@ -35,6 +36,7 @@ renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
+app.command("verify")(verify)
 console = Console()
 err = Console(stderr=True)
 

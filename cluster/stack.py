@@ -26,6 +26,7 @@ from registry.base_models import BaseModelInfo, ensure_base_model
 from registry.settings import Settings, child_env
 from registry.storage import ObjectStore
 from serve.serve_config import http_options
+from serve.signing import SigningSetupError, load_signing_identity
 
 Progress = Callable[[str], None]
 
@@ -349,6 +350,10 @@ class LocalStack:
                 f"the database named by database_url (BRANDFARM_DATABASE_URL) {problem}; "
                 "fix the URL or unset it to use SQLite in the state directory"
             )
+        try:  # the C2PA signing identity (the farm CA is created here on the first up)
+            load_signing_identity(s, create_default=True)
+        except SigningSetupError as e:
+            problems.append(f"the C2PA signing identity cannot be used: {e}")
         if problems:
             raise StackError("; ".join(problems))
 

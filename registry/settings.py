@@ -480,6 +480,34 @@ class Settings(BaseSettings):
         "renews it every third of it, so a crashed ingress's hold lapses within one lease.",
     )
 
+    # --- provenance: C2PA signing and the invisible watermark (serve/provenance.py) ----------
+    provenance_signing_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain (signer first) that signs every output's C2PA "
+        "manifest. Unset: the farm CA and signer that `brandfarm up` creates in "
+        "<state_dir>/provenance/.",
+    )
+    provenance_signing_key: Path | None = Field(
+        None,
+        description="PEM private key (EC P-256, ES256) of provenance_signing_cert. A file path, "
+        "never the key itself: the ingress reads it on its node.",
+    )
+    provenance_signer_factory: str | None = Field(
+        None,
+        description="`module:function` returning a `serve.signing.SigningIdentity` (a "
+        "certificate chain and a sign callback, e.g. a KMS call); replaces the key file.",
+    )
+    provenance_trust_anchors: Path | None = Field(
+        None,
+        description="PEM CA certificates that verification trusts. Unset: the farm CA, or the "
+        "last certificate of provenance_signing_cert.",
+    )
+    provenance_hide_adapter_tenants: str = Field(
+        "",
+        description="Comma-separated tenant ids whose manifests leave out the adapter "
+        "(brand:version) they used.",
+    )
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

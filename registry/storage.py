@@ -46,8 +46,8 @@ def tenant_prefix(tenant_id: str) -> str:
     return f"tenants/{tenant_id}/"
 
 
-def render_key(tenant_id: str, render_id: str, index: int) -> str:
-    return f"{tenant_prefix(tenant_id)}renders/{render_id}/{index}.png"
+def render_key(tenant_id: str, render_id: str, index: int, extension: str = "png") -> str:
+    return f"{tenant_prefix(tenant_id)}renders/{render_id}/{index}.{extension}"
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,8 @@ def _without_422(app: FastAPI) -> None:
 
 
 def create_api(services: ApiServices) -> FastAPI:
+    from serve import provenance_api  # here: it imports this module
+
     app = FastAPI(title="brandfarm", version="0.1.0")
     if services.db_pool is None:
         services.db_pool = BlockingPool("db", 4)
@@ -159,7 +161,10 @@ def create_api(services: ApiServices) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=services.max_request_bytes,
-        per_path={"/v1/files": services.max_upload_bytes},
+        per_path={
+            "/v1/files": services.max_upload_bytes,
+            provenance_api.VERIFY_PATH: services.max_upload_bytes,
+        },
     )
     app.add_middleware(RequestIds)  # added last: outermost, so every answer carries the id
     _without_422(app)
@@ -264,4 +269,5 @@ def create_api(services: ApiServices) -> FastAPI:
     from serve.webhooks_api import router as webhooks_router  # it imports this module
 
     app.include_router(webhooks_router)
+    app.include_router(provenance_api.router)
     return app

@@ -29,6 +29,7 @@ from serve.io_pools import BlockingPool, IOPools
 from serve.limits import LimitGuard
 from serve.moderation import ModerationService
 from serve.near_duplicates import NearDuplicateService
+from serve.outputs import EncodedOutput, OutputEncoder
 from serve.protocol import (
     AdapterSpec,
     ImageData,
@@ -105,7 +106,11 @@ class ImageService:
         moderation: ModerationService | None = None,
         near_duplicates: NearDuplicateService | None = None,
         limiter: RenderLimiter | None = None,
+        *,
+        outputs: OutputEncoder,
     ) -> None:
+        #: Watermarks, encodes and signs every image before it is stored or returned.
+        self.outputs = outputs
         self.tenant_limits = tenant_limits
         self.moderation = moderation
         self.near_duplicates = near_duplicates
@@ -159,12 +164,41 @@ class ImageService:
             except SQLAlchemyError as e:  # the next renewal may succeed within the lease
                 log.warning("renewing a render lease failed: %s", e)
 
-    def _store_all(self, tenant_id: str, render_id: str, images: list[RenderedImage]) -> list[str]:
+    async def encode_outputs(
+        self,
+        tenant_id: str,
+        render_id: str,
+        images: list[RenderedImage],
+        output_format: str = "png",
+        quality: int | None = None,
+        source: bytes | None = None,
+    ) -> list[EncodedOutput]:
+        """The output files of a render's images (watermarked, encoded, C2PA-signed; see
+        `serve.outputs.OutputEncoder.encode`), made off the event loop. Every route that
+        stores or returns images calls this first; `source` marks an edit of that image."""
+
+        def encode_all() -> list[EncodedOutput]:
+            return [
+                self.outputs.encode(
+                    image.png,
+                    tenant=tenant_id,
+                    render_id=render_id,
+                    index=i,
+                    output_format=output_format,
+                    quality=quality,
+                    source=source,
+                )
+                for i, image in enumerate(images)
+            ]
+
+        return await asyncio.to_thread(encode_all)
+
+    def _store_all(self, tenant_id: str, render_id: str, outputs: list[EncodedOutput]) -> list[str]:
         keys: list[str] = []
         try:
-            for i, image in enumerate(images):
-                key = render_key(tenant_id, render_id, i)
-                self.store.put_bytes(key, image.png, content_type="image/png")
+            for i, output in enumerate(outputs):
+                key = render_key(tenant_id, render_id, i, output.extension)
+                self.store.put_bytes(key, output.data, content_type=output.content_type)
                 keys.append(key)
         except StorageError:
             for key in keys:
@@ -221,8 +255,11 @@ class ImageService:
             if self.near_duplicates is not None:  # a block (422) stores and charges nothing
                 images, near = await self.near_duplicates.check(tenant_id, adapter, images)
             render_id = secrets.token_hex(12)
+            outputs = await self.encode_outputs(
+                tenant_id, render_id, images, req.output_format, req.output_compression
+            )
             try:
-                keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, images)
+                keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, outputs)
             except StorageError as e:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
@@ -230,16 +267,16 @@ class ImageService:
                 self.limiter.commit, admission, render_id, len(images), self.limits.model.id
             )
             if self.tenant_limits is not None:
-                self.tenant_limits.stored(tenant_id, sum(len(im.png) for im in images))
+                self.tenant_limits.stored(tenant_id, sum(len(o.data) for o in outputs))
         if self.on_rendered is not None:
             self.on_rendered(tenant_id, len(images), adapter)
         data = []
-        for key, image, match in zip(keys, images, near, strict=True):
+        for key, image, output, match in zip(keys, images, outputs, near, strict=True):
             if req.response_format == "b64_json":
                 data.append(
                     ImageData(
                         seed=image.seed,
-                        b64_json=base64.b64encode(image.png).decode(),
+                        b64_json=base64.b64encode(output.data).decode(),
                         near_duplicate=match,
                     )
                 )
@@ -252,4 +289,5 @@ class ImageService:
             model=self.limits.model.id,
             data=data,
             adapter=adapter.describe() if adapter else None,
+            output_format=req.output_format,
         )

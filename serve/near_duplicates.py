@@ -30,12 +30,18 @@ NearDuplicateObserver = Callable[[str, str], None]
 
 
 def with_png_text(png: bytes, key: str, value: str) -> bytes:
-    """The same PNG (same pixels) with one more text chunk; the existing ones are kept."""
+    """The same PNG (same pixels) with `key` set, both as its own text chunk and inside the
+    `parameters` JSON (which every output format carries on, `serve.image_formats`)."""
     with Image.open(io.BytesIO(png)) as image:
+        text = dict(image.text)
+        if "parameters" in text:
+            params = json.loads(text["parameters"])
+            params[key] = value
+            text["parameters"] = json.dumps(params, sort_keys=True)
+        text[key] = value
         info = PngImagePlugin.PngInfo()
-        for k, v in image.text.items():
+        for k, v in text.items():
             info.add_text(k, v)
-        info.add_text(key, value)
         out = io.BytesIO()
         image.save(out, format="PNG", pnginfo=info)
     return out.getvalue()

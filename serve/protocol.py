@@ -73,6 +73,16 @@ class ImageGenerationRequest(BaseModel):
         description="OpenAI's content-moderation level: `low` waives the farm's sensitive "
         "terms unless the tenant's policy says `auto` (the stricter of the two applies).",
     )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="File format of the images (OpenAI's field): png, jpeg or webp."
+    )
+    output_compression: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Quality 0..100 of jpeg and webp images (OpenAI's field; default 100). "
+        "Refused with png, which is lossless.",
+    )
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,12 @@ class RenderLimits:
             )
         if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
             raise InvalidField("seed", f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
+        if req.output_compression is not None and req.output_format == "png":
+            raise InvalidField(
+                "output_compression",
+                "output_compression applies to jpeg and webp only; png is lossless "
+                "(set output_format, or leave output_compression out)",
+            )
         width, height = self._size(req.size)
         self.adapter(req)
         if req.seed is None:
@@ -269,6 +285,7 @@ class ImagesResponse:
     model: str
     data: list[ImageData] = field(default_factory=list)
     adapter: dict | None = None  # `AdapterSpec.describe()` of the version used, or None
+    output_format: str = "png"
 
     def to_dict(self) -> dict:
         return {
@@ -276,5 +293,6 @@ class ImagesResponse:
             "created": self.created,
             "model": self.model,
             "adapter": self.adapter,
+            "output_format": self.output_format,
             "data": [d.to_dict() for d in self.data],
         }

@@ -32,6 +32,7 @@ from serve.jobs import JobService
 from serve.limits import LimitGuard
 from serve.moderation import ModerationService
 from serve.near_duplicates import NearDuplicateObserver, NearDuplicateService
+from serve.outputs import OutputEncoder
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
 from serve.resolver import AdapterResolver
@@ -80,6 +81,7 @@ def build_services(
         moderation=moderation,
         near_duplicates=near_duplicates,
         limiter=RenderLimiter(engine, settings.render_lease_s),
+        outputs=OutputEncoder.from_settings(settings),
     )
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)

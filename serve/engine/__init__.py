@@ -8,8 +8,6 @@ boxes without Ray use it directly. The parts: `scheduler` (which rows run at the
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import threading
 import time
@@ -20,13 +18,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from registry.base_models import BaseModelInfo, load_pipeline, select_device
 from serve.adapter_cache import AdapterWeights
 from serve.engine import denoise
 from serve.engine.adapters import BASE, AdapterSlots
 from serve.engine.scheduler import BatchScheduler, Row
+from serve.image_formats import encode_image
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob
 
 __all__ = ["DiffusionEngine", "RenderDeadlineExceeded", "encode_png"]
@@ -36,14 +34,7 @@ log = logging.getLogger(__name__)
 
 def encode_png(image: Image.Image, metadata: dict[str, str | int | float | None]) -> bytes:
     """PNG bytes with each metadata item as a tEXt chunk, plus all of it as JSON `parameters`."""
-    info = PngInfo()
-    for key, value in metadata.items():
-        if value is not None:
-            info.add_text(key, str(value))
-    info.add_text("parameters", json.dumps(metadata, sort_keys=True))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    return encode_image(image, "png", metadata)
 
 
 class _Left(Exception):

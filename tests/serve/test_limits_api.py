@@ -31,6 +31,7 @@ from serve.files import FileService
 from serve.images import ImageService
 from serve.jobs import JobService
 from serve.limits import LimitGuard
+from serve.outputs import OutputEncoder
 from serve.protocol import RenderJob, RenderLimits
 from tests.object_store import s3_settings  # noqa: F401 - fixture
 
@@ -87,6 +88,7 @@ def app(s3_settings: Settings, tmp_path_factory) -> Iterator[App]:  # noqa: F811
             settings.presign_expiry_s,
             settings.max_inflight_per_tenant,
             tenant_limits=guard,
+            outputs=OutputEncoder.from_settings(settings),
         ),
         files=FileService(files, store, DatasetLimits.from_settings(settings), guard),
         jobs=JobService(settings, model, JobStore(db), files, store, JobLauncher(settings), guard),
