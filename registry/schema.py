@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import registry.files  # noqa: F401 - registers its tables
 import registry.jobs  # noqa: F401
+import registry.render_queue  # noqa: F401
 import registry.tenants  # noqa: F401
 from registry.sql_base import Base
 
