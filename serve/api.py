@@ -7,7 +7,7 @@ deployment and, for tests or a Ray-less box, under plain uvicorn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -26,6 +26,9 @@ from serve.images import ImageService
 from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
 from serve.protocol import ImageGenerationRequest, Text
+
+if TYPE_CHECKING:
+    from serve.render_queue import RenderService
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
@@ -65,6 +68,7 @@ class ApiServices:
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
+    renders: RenderService | None = None  # async renders (/v1/renders), where the farm has them
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -255,4 +259,8 @@ def create_api(services: ApiServices) -> FastAPI:
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
+    if services.renders is not None:
+        from serve.renders_api import router as renders_router  # it imports this module
+
+        app.include_router(renders_router)
     return app

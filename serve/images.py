@@ -194,3 +194,25 @@ class ImageService:
             data=data,
             adapter=adapter.describe() if adapter else None,
         )
+
+    # --- shared with the render queue (serve.render_queue) --------------------------------------
+    async def prepare(self, tenant_id: str, req: ImageGenerationRequest) -> RenderJob:
+        """Every check of `generate` short of the in-flight slot (400, 403, 404), and the
+        resolved adapter version: the job to render. Nothing is written."""
+        job = self.limits.check(req)
+        if self.tenant_limits is not None:
+            await self.tenant_limits.check_stored_bytes(tenant_id)
+        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req))
+
+    async def store_images(
+        self, tenant_id: str, render_id: str, images: list[RenderedImage]
+    ) -> list[str]:
+        """Store a render's images (all or none); their keys. 503 when the store fails."""
+        try:
+            keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, images)
+        except StorageError as e:
+            log.error("storing render %s failed: %s", render_id, e)
+            raise StorageUnavailable() from e
+        if self.tenant_limits is not None:
+            self.tenant_limits.stored(tenant_id, sum(len(im.png) for im in images))
+        return keys

@@ -15,6 +15,7 @@ from registry.db import make_engine
 from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
+from registry.render_queue import RenderQueueStore
 from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
@@ -28,6 +29,7 @@ from serve.jobs import JobService
 from serve.limits import LimitGuard
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
+from serve.render_queue import RenderDispatcher, RenderService
 from serve.resolver import AdapterResolver
 
 
@@ -63,6 +65,13 @@ def build_services(
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
     jobs = JobService(settings, model, JobStore(engine), files, store, launcher, guard)
+    renders = RenderService(
+        RenderQueueStore(engine),
+        images,
+        default_plan=settings.render_default_plan,
+        max_queued=settings.max_queued_renders_per_tenant,
+        db_pool=pools.db,
+    )
     return ApiServices(
         model=model,
         tenants=tenants,
@@ -81,12 +90,14 @@ def build_services(
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
         db_pool=pools.db,
+        renders=renders,
     )
 
 
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
-    Ray jobs, the outbox gets submitted) and the render-retention sweeper. Returns a stop."""
+    Ray jobs, the outbox gets submitted), the render-retention sweeper and the render queue's
+    dispatcher. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
     sweeper = RetentionSweeper(
@@ -104,8 +115,21 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
         on_ended=lambda job: discard_job_objects(store, job),
     ).start()
 
+    renders = services.renders
+    dispatcher_stop = RenderDispatcher(
+        renders.queue,
+        services.images,
+        services.images.renderer,
+        renders,
+        concurrency=settings.render_queue_concurrency,
+        lease_s=settings.render_lease_s,
+        max_attempts=settings.render_max_attempts,
+        poll_s=settings.render_queue_poll_s,
+    ).start()
+
     def stop() -> None:
         reconciler_stop.set()
         sweeper.stop()
+        dispatcher_stop()
 
     return stop

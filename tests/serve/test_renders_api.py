@@ -1,0 +1,283 @@
+"""Async renders in-process, without Ray: `/v1/renders` over the real engine, SQLite and the object
+store, with a dispatcher running in its own thread as in an ingress replica; bad input, plans,
+cancellation and fairness (the last two with a renderer the test controls)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from registry.render_queue import RenderQueueStore
+from serve.protocol import RenderedImage, RenderJob
+from serve.render_queue import RenderDispatcher, check_webhook_url
+from tests.polling import wait_for
+from tests.serve.conftest import client
+
+RENDERS = "/v1/renders"
+TINY = {"prompt": "a red circle", "steps": 2, "size": "64x64"}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Recorder:
+    """An event sink that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict, str | None]] = []
+
+    def __call__(self, tenant: str, event_type: str, data: dict, url: str | None) -> None:
+        self.events.append((tenant, event_type, data, url))
+
+    def of(self, render_id: str) -> list[str]:
+        return [e[1] for e in self.events if e[2]["id"] == render_id]
+
+
+class GatedRenderer:
+    """Renders a 1-byte "image" per seed when the test opens the gate; records the order."""
+
+    def __init__(self, open_gate: bool = True) -> None:
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+        self.started: list[str] = []
+        self.cancelled = 0
+
+    async def render(self, job: RenderJob) -> list[RenderedImage]:
+        self.started.append(job.prompt)
+        try:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return [RenderedImage(png=b"\x89", seed=s) for s in job.seeds]
+
+
+@pytest.fixture
+def farm_parts(local_parts):
+    """Fresh services with an event recorder; `start(renderer)` runs a dispatcher."""
+    services = local_parts.services()
+    recorder = Recorder()
+    services.renders.emit = recorder
+    stops = []
+
+    def start(renderer=None, concurrency: int = 2, lease_s: float = 30) -> RenderDispatcher:
+        dispatcher = RenderDispatcher(
+            services.renders.queue,
+            services.images,
+            renderer or services.images.renderer,
+            services.renders,
+            concurrency=concurrency,
+            lease_s=lease_s,
+            max_attempts=3,
+            poll_s=0.05,
+            progress_every_s=0.05,
+        )
+        stops.append(dispatcher.start())
+        return dispatcher
+
+    yield services, recorder, start
+    for stop in stops:
+        stop()
+
+
+def status_of(services, render_id: str) -> str:
+    return services.renders.queue.get_any(render_id).status
+
+
+def test_async_render_end_to_end_on_the_engine(farm_parts) -> None:
+    services, recorder, start = farm_parts
+    key = services.tenants.create_tenant("async-co").key
+    start()
+
+    async def go():
+        async with client(services, key) as c:
+            created = await c.post(RENDERS, json={**TINY, "n": 2, "seed": 7})
+            assert created.status_code == 202, created.text
+            render = created.json()
+            assert render["object"] == "render" and render["status"] == "queued"
+            assert render["queue_position"] == 0 and render["progress"]["total"] == 4
+            # The event stream follows it to the end (sse: `event: render`, JSON data).
+            events = await c.get(f"{RENDERS}/{render['id']}/events")
+            assert events.status_code == 200
+            assert events.headers["content-type"].startswith("text/event-stream")
+            return render, events.text, (await c.get(f"{RENDERS}/{render['id']}")).json()
+
+    render, stream, done = run(go())
+    bodies = [json.loads(line[5:]) for line in stream.splitlines() if line.startswith("data:")]
+    assert bodies[-1]["status"] == "succeeded" and bodies[-1]["progress"]["step"] == 4
+    assert [b["status"] for b in bodies][0] in ("queued", "in_progress")
+    assert done["status"] == "succeeded" and done["progress"] == {"step": 4, "total": 4}
+    assert [d["seed"] for d in done["data"]] == [7, 8]
+    assert all(d["url"].startswith("http") for d in done["data"])
+    assert services.tenants.count_renders("async-co") == 1  # charged once
+    assert recorder.of(render["id"]) == ["render.succeeded"]
+    stored = services.store.list(f"tenants/async-co/renders/{render['id']}")
+    assert len(stored) == 2
+
+
+def test_b64_renders_come_back_inline(farm_parts) -> None:
+    services, _, start = farm_parts
+    key = services.tenants.create_tenant("inline-co").key
+    start()
+
+    async def go():
+        async with client(services, key) as c:
+            r = await c.post(RENDERS, json={**TINY, "response_format": "b64_json"})
+            render_id = r.json()["id"]
+            await asyncio.to_thread(
+                wait_for,
+                lambda: status_of(services, render_id) == "succeeded",
+                120,
+                "the render succeeds",
+            )
+            return (await c.get(f"{RENDERS}/{render_id}")).json()
+
+    done = run(go())
+    assert done["data"][0]["b64_json"].startswith("iVBOR")  # a PNG
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**TINY, "priority": "turbo"}, "priority"),
+        ({**TINY, "webhook_url": "http://example.com/hook"}, "webhook_url"),
+        ({**TINY, "webhook_url": "https://127.0.0.1/hook"}, "webhook_url"),
+        ({**TINY, "webhook_url": "https://10.1.2.3/hook"}, "webhook_url"),
+        ({**TINY, "webhook_url": "not a url"}, "webhook_url"),
+        ({**TINY, "webhook_url": "https://x.example/" + "a" * 3000}, "webhook_url"),
+        ({**TINY, "steps": 0}, "steps"),
+        ({**TINY, "n": 99}, "n"),
+        ({**TINY, "unknown": 1}, "unknown"),
+    ],
+)
+def test_bad_render_bodies_are_400_naming_the_field(farm_parts, body, param) -> None:
+    services, _, _ = farm_parts
+    key = services.tenants.create_tenant("bad-co").key
+
+    async def go():
+        async with client(services, key) as c:
+            return await c.post(RENDERS, json=body)
+
+    r = run(go())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert services.renders.queue.counts()["queued"] == 0
+
+
+def test_webhook_check_allows_listed_hosts() -> None:
+    assert check_webhook_url("https://hooks.example.com/x") == "https://hooks.example.com/x"
+    url = "http://127.0.0.1:9/hook"
+    assert check_webhook_url(url, frozenset({"127.0.0.1"})) == url
+
+
+def test_plan_queue_cap_404_and_409(farm_parts) -> None:
+    services, recorder, _ = farm_parts  # no dispatcher: renders stay queued
+    key = services.tenants.create_tenant("relax-co").key
+    other = services.tenants.create_tenant("other-co").key
+    services.renders.queue.set_plan("relax-co", "relax", max_queued=2)
+
+    async def go():
+        async with client(services, key) as c, client(services, other) as o:
+            fast = await c.post(RENDERS, json={**TINY, "priority": "fast"})
+            assert fast.status_code == 403, fast.text
+            assert "'relax'" in fast.json()["error"]["message"]
+            assert fast.json()["error"]["param"] == "priority"
+            first = await c.post(RENDERS, json=TINY)  # the plan's tier by default
+            assert first.status_code == 202 and first.json()["priority"] == "relax"
+            second = await c.post(
+                RENDERS, json={**TINY, "webhook_url": "https://hooks.example.com/r"}
+            )
+            assert second.status_code == 202
+            full = await c.post(RENDERS, json=TINY)
+            assert full.status_code == 429 and full.headers["Retry-After"]
+            assert "max_queued_renders=2" in full.json()["error"]["message"]
+            rid = first.json()["id"]
+            for path in (f"{RENDERS}/{rid}", f"{RENDERS}/{rid}/events"):
+                theirs, missing = await o.get(path), await o.get(f"{RENDERS}/render-nope")
+                assert theirs.status_code == missing.status_code == 404
+                assert theirs.json()["error"]["code"] == missing.json()["error"]["code"]
+            assert (await o.post(f"{RENDERS}/{rid}/cancel")).status_code == 404
+            assert (await o.get(RENDERS)).json()["data"] == []
+            cancelled = await c.post(f"{RENDERS}/{rid}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+            again = await c.post(f"{RENDERS}/{rid}/cancel")
+            assert again.status_code == 409 and again.json()["error"]["code"] == "render_finished"
+            listed = (await c.get(RENDERS, params={"limit": 1})).json()
+            assert listed["has_more"] and len(listed["data"]) == 1
+            page2 = (await c.get(RENDERS, params={"after": listed["data"][0]["id"]})).json()
+            assert {r["id"] for r in listed["data"] + page2["data"]} == {
+                rid,
+                second.json()["id"],
+            }
+            return rid, second.json()
+
+    rid, second = run(go())
+    assert recorder.of(rid) == ["render.cancelled"]
+    assert recorder.events[0][3] is None and second["webhook_url"] == "https://hooks.example.com/r"
+    assert services.tenants.count_renders("relax-co") == 0
+
+
+def test_cancelling_a_running_render_stops_it_and_records_nothing(farm_parts) -> None:
+    services, recorder, start = farm_parts
+    key = services.tenants.create_tenant("cancel-co").key
+    renderer = GatedRenderer(open_gate=False)
+    start(renderer)
+
+    async def go():
+        async with client(services, key) as c:
+            rid = (await c.post(RENDERS, json=TINY)).json()["id"]
+            await asyncio.to_thread(
+                wait_for,
+                lambda: status_of(services, rid) == "in_progress",
+                30,
+                "the dispatcher claims it",
+            )
+            r = await c.post(f"{RENDERS}/{rid}/cancel")
+            assert r.status_code == 200 and r.json()["status"] == "cancelled"
+            await asyncio.to_thread(
+                wait_for, lambda: renderer.cancelled == 1, 30, "the render is stopped"
+            )
+            renderer.gate.set()
+            return rid
+
+    rid = run(go())
+    assert status_of(services, rid) == "cancelled"
+    assert recorder.of(rid) == ["render.cancelled"]
+    assert services.tenants.count_renders("cancel-co") == 0
+    assert services.store.list(f"tenants/cancel-co/renders/{rid}") == []
+
+
+def test_a_late_tenant_is_not_starved_by_a_burst(farm_parts) -> None:
+    """Tenant A queues 40 renders, then B queues 5: B's finish within 2 x (5 + concurrency)
+    renders, not after A's forty (counted in completions, not time)."""
+    services, _, start = farm_parts
+    a = services.tenants.create_tenant("burst-a").key
+    b = services.tenants.create_tenant("burst-b").key
+    queue: RenderQueueStore = services.renders.queue
+    concurrency = 2
+
+    async def go():
+        async with client(services, a) as ca, client(services, b) as cb:
+            for i in range(40):
+                assert (await ca.post(RENDERS, json={**TINY, "prompt": f"a{i}"})).status_code == 202
+            return [
+                (await cb.post(RENDERS, json={**TINY, "prompt": f"b{i}"})).json()["id"]
+                for i in range(5)
+            ]
+
+    b_ids = run(go())
+    start(GatedRenderer(), concurrency=concurrency)
+    wait_for(lambda: queue.counts()["succeeded"] == 45, 120, "all 45 renders finish")
+    done = sorted(
+        (queue.get_any(t.id) for t in queue.list("burst-a", None, 100)[0]),
+        key=lambda t: t.finished_at,
+    )
+    b_done = [queue.get_any(i).finished_at for i in b_ids]
+    finished_before_last_b = sum(1 for t in done if t.finished_at < max(b_done)) + 5
+    assert finished_before_last_b <= 2 * (5 + concurrency)
