@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.processes import StackError
+from cluster.render_cli import register as register_render_commands
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
 from cluster.topology import Topology
@@ -26,8 +27,9 @@ tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=Tr
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
-renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
+renders_app = typer.Typer(help="Async and stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
+register_render_commands(app, renders_app)
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
 console = Console()
