@@ -281,3 +281,43 @@ def test_a_late_tenant_is_not_starved_by_a_burst(farm_parts) -> None:
     b_done = [queue.get_any(i).finished_at for i in b_ids]
     finished_before_last_b = sum(1 for t in done if t.finished_at < max(b_done)) + 5
     assert finished_before_last_b <= 2 * (5 + concurrency)
+
+
+def test_the_engine_reports_progress_per_step(local_parts) -> None:
+    seen: list[tuple[int, int]] = []
+    job = RenderJob("a red circle", None, 64, 64, 3, 1.0, (1, 2))
+    local_parts.engine.submit(job, on_progress=lambda d, t: seen.append((d, t))).result()
+    # In image-steps: one call per denoising step of the batch (one image per step here).
+    assert [done for done, _ in seen] == list(range(1, 7)) and {t for _, t in seen} == {6}
+
+
+class ProgressRenderer(GatedRenderer):
+    """Reports half the work done, then waits for the gate."""
+
+    async def render_progress(self, job: RenderJob, on_progress) -> list[RenderedImage]:
+        on_progress(job.steps * len(job.seeds) // 2, job.steps * len(job.seeds))
+        return await self.render(job)
+
+
+def test_progress_reaches_the_render_object_while_it_runs(farm_parts) -> None:
+    services, _, start = farm_parts
+    key = services.tenants.create_tenant("progress-co").key
+    renderer = ProgressRenderer(open_gate=False)
+    start(renderer)
+
+    async def go():
+        async with client(services, key) as c:
+            rid = (await c.post(RENDERS, json={**TINY, "steps": 10})).json()["id"]
+
+            def halfway() -> bool:
+                task = services.renders.queue.get_any(rid)
+                return task.status == "in_progress" and task.progress_step == 5
+
+            await asyncio.to_thread(wait_for, halfway, 30, "progress 5/10 is recorded")
+            during = (await c.get(f"{RENDERS}/{rid}")).json()
+            renderer.gate.set()
+            return during
+
+    during = run(go())
+    assert during["status"] == "in_progress"
+    assert during["progress"] == {"step": 5, "total": 10} and during["data"] is None
