@@ -138,7 +138,10 @@ def renders_list(
     """The tenant's async renders, newest first."""
     with _client(api_key) as client:
         renders = _get(client, "/renders", limit=limit)["data"]
-    table = Table("render", "status", "priority", "progress", "created")
+    table = Table(box=None)
+    table.add_column("render", no_wrap=True, min_width=31)  # ids are never cut
+    for name in ("status", "priority", "progress", "created"):
+        table.add_column(name)
     for r in renders:
         table.add_row(
             r["id"],
