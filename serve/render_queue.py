@@ -360,7 +360,8 @@ class RenderDispatcher:
         self.poll_s = poll_s
         self.progress_every_s = progress_every_s
         self.owner = f"dispatcher-{secrets.token_hex(8)}"
-        self.inflight: dict[str, asyncio.Task] = {}
+        self.inflight: dict[str, asyncio.Task] = {}  # claimed, until recorded
+        self._rendering: set[str] = set()  # on a replica now: what `concurrency` bounds
         self._progress: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
 
@@ -397,11 +398,12 @@ class RenderDispatcher:
                 if now - last_progress >= self.progress_every_s:
                     last_progress = now
                     await self._write_progress()
-                free = self.concurrency - len(self.inflight)
+                free = self.concurrency - len(self._rendering)
                 if free > 0:
                     for task in await asyncio.to_thread(
                         self.queue.claim, self.owner, self.lease_s, free
                     ):
+                        self._rendering.add(task.id)
                         self.inflight[task.id] = asyncio.create_task(self._run_one(task))
             except Exception:  # noqa: BLE001 - the database is down: try again next round
                 _plain_log.exception("render dispatcher round failed")
@@ -443,6 +445,13 @@ class RenderDispatcher:
         finally:
             self.inflight.pop(task.id, None)
             self._progress.pop(task.id, None)
+            self._rendered(task.id)
+
+    def _rendered(self, render_id: str) -> None:
+        """The replica is done with the render: its slot goes to the next one while this one
+        is stored and recorded."""
+        if render_id in self._rendering:
+            self._rendering.discard(render_id)
             if self._wake is not None:
                 self._wake.set()
 
@@ -452,13 +461,18 @@ class RenderDispatcher:
 
         return record
 
+    async def _render(self, render_id: str, job: RenderJob) -> list[RenderedImage]:
+        try:
+            if hasattr(self.renderer, "render_progress"):
+                return await self.renderer.render_progress(job, self._on_progress(render_id))
+            return await self.renderer.render(job)
+        finally:
+            self._rendered(render_id)
+
     async def _render_and_record(self, task: RenderTask) -> None:
         job = job_of(task.request["job"])
         try:
-            if hasattr(self.renderer, "render_progress"):
-                images = await self.renderer.render_progress(job, self._on_progress(task.id))
-            else:
-                images = await self.renderer.render(job)
+            images = await self._render(task.id, job)
         except AdapterLoadError as e:
             await self._fail(task, e.message, e.code)
             return
