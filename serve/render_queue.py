@@ -360,6 +360,7 @@ class RenderDispatcher:
         self.poll_s = poll_s
         self.progress_every_s = progress_every_s
         self.owner = f"dispatcher-{secrets.token_hex(8)}"
+        self.renew_every_s = lease_s / 3
         self.inflight: dict[str, asyncio.Task] = {}  # claimed, until recorded
         self._rendering: set[str] = set()  # on a replica now: what `concurrency` bounds
         self._progress: dict[str, int] = {}
@@ -392,7 +393,7 @@ class RenderDispatcher:
                         self.queue.expire_leases, self.max_attempts
                     ):
                         self._emit(task)
-                if now - last_renew >= self.lease_s / 3:
+                if now - last_renew >= self.renew_every_s:
                     last_renew = now
                     await self._renew()
                 if now - last_progress >= self.progress_every_s:

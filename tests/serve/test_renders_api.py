@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from registry.render_queue import RenderQueueStore
+from serve.errors import ServiceUnavailable
 from serve.protocol import RenderedImage, RenderJob
 from serve.render_queue import RenderDispatcher, check_webhook_url
 from tests.polling import wait_for
@@ -321,3 +322,53 @@ def test_progress_reaches_the_render_object_while_it_runs(farm_parts) -> None:
     during = run(go())
     assert during["status"] == "in_progress"
     assert during["progress"] == {"step": 5, "total": 10} and during["data"] is None
+
+
+class LosesItsReplicaOnce(GatedRenderer):
+    """The first render's replica dies under it (what `ServeRenderer` answers then)."""
+
+    async def render(self, job: RenderJob) -> list[RenderedImage]:
+        if not self.started:
+            self.started.append(job.prompt)
+            raise ServiceUnavailable("the replica rendering this request was lost", "replica_lost")
+        return await super().render(job)
+
+
+def test_a_render_whose_replica_died_is_queued_again_and_rendered_once(farm_parts) -> None:
+    services, recorder, start = farm_parts
+    key = services.tenants.create_tenant("lost-replica-co").key
+    start(LosesItsReplicaOnce())
+
+    async def go():
+        async with client(services, key) as c:
+            return (await c.post(RENDERS, json=TINY)).json()["id"]
+
+    rid = run(go())
+    wait_for(lambda: status_of(services, rid) == "succeeded", 30, "the render succeeds")
+    assert services.renders.queue.get_any(rid).attempts == 2
+    assert recorder.of(rid) == ["render.succeeded"]
+    assert services.tenants.count_renders("lost-replica-co") == 1
+
+
+def test_a_render_outlives_its_dispatcher(farm_parts) -> None:
+    """An ingress replica dies mid-render: its lease expires, another dispatcher renders it."""
+    services, recorder, start = farm_parts
+    key = services.tenants.create_tenant("takeover-co").key
+    stuck = GatedRenderer(open_gate=False)
+    first = start(stuck, concurrency=1, lease_s=1)  # it cannot take the render back
+
+    async def go():
+        async with client(services, key) as c:
+            return (await c.post(RENDERS, json=TINY)).json()["id"]
+
+    rid = run(go())
+    wait_for(lambda: status_of(services, rid) == "in_progress", 30, "the first dispatcher has it")
+    first.renew_every_s = float("inf")  # it hangs: its lease is no longer renewed
+    second = start(GatedRenderer(), lease_s=1)
+    wait_for(lambda: status_of(services, rid) == "succeeded", 60, "the second one renders it")
+    task = services.renders.queue.get_any(rid)
+    assert task.attempts == 2 and second.owner != first.owner
+    stuck.gate.set()  # the first one wakes up: it holds no lease, so it records nothing
+    wait_for(lambda: rid not in first.inflight, 30, "the first one gives it up")
+    assert recorder.of(rid) == ["render.succeeded"]
+    assert services.tenants.count_renders("takeover-co") == 1
