@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -77,6 +78,8 @@ class RenderTaskRow(Base):
     result: Mapped[str | None] = mapped_column(Text)  # JSON: stored image keys and seeds
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(40))
+    # True from a terminal change until its event was handed to the sink (`event_sent`).
+    event_pending: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class RenderPlanRow(Base):
@@ -419,6 +422,7 @@ class RenderQueueStore:
                     result=json.dumps(result),
                     progress_step=RenderTaskRow.progress_total,
                     finished_at=utcnow(),
+                    event_pending=True,
                     lease_owner=None,
                     lease_expires_at=None,
                 )
@@ -444,6 +448,7 @@ class RenderQueueStore:
                     error=error,
                     error_code=error_code,
                     finished_at=utcnow(),
+                    event_pending=True,
                     lease_owner=None,
                     lease_expires_at=None,
                 )
@@ -497,6 +502,31 @@ class RenderQueueStore:
                     )
         return failed
 
+    def event_sent(self, render_id: str) -> bool:
+        """The render's terminal event reached the sink; False if that was already recorded
+        (a recovery pass took it)."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow)
+                .where(RenderTaskRow.id == render_id, RenderTaskRow.event_pending.is_(True))
+                .values(event_pending=False)
+            )
+            return done.rowcount == 1
+
+    def unsent_events(self, older_than_s: float, limit: int = 100) -> list[RenderTask]:
+        """Terminal renders whose event a crash kept from the sink (the change committed, the
+        process died before the call), each taken by one caller (compare-and-set)."""
+        c = RenderTaskRow
+        since = utcnow() - dt.timedelta(seconds=older_than_s)
+        with Session(self.engine) as s:
+            ids = s.scalars(
+                select(c.id)
+                .where(c.event_pending.is_(True), c.finished_at < since)
+                .order_by(c.finished_at)
+                .limit(limit)
+            ).all()
+        return [self.get_any(i) for i in ids if self.event_sent(i)]
+
     def cancel(self, tenant_id: str, render_id: str) -> tuple[RenderTask | None, bool]:
         """Cancel the render if it is unfinished (compare-and-set); the render as it now is
         (None if the tenant has no such render) and whether this call cancelled it."""
@@ -508,6 +538,7 @@ class RenderQueueStore:
                 .values(
                     status="cancelled",
                     finished_at=utcnow(),
+                    event_pending=True,
                     lease_owner=None,
                     lease_expires_at=None,
                 )

@@ -284,8 +284,20 @@ class RenderService:
             )
         if won:
             log.info("render %s cancelled", render_id)
-            emit_terminal(self.emit, self.render_object(task, None, with_data=False), task)
+            self.announce(task)
         return self.render_object(task, None)
+
+    def announce(self, task: RenderTask, claimed: bool = False) -> None:
+        """Hand a terminal change to the event sink (`render.<status>`), then mark it sent.
+        `claimed`: a recovery pass already took it (`RenderQueueStore.unsent_events`)."""
+        render = self.render_object(task, None, with_data=False)
+        try:
+            self.emit(task.tenant_id, f"render.{task.status}", render, task.webhook_url)
+        except Exception:  # noqa: BLE001 - the change is recorded; the sink is not its owner
+            _plain_log.exception("the event sink failed for render %s", task.id)
+            return  # still pending: a later recovery pass retries it
+        if not claimed:
+            self.queue.event_sent(task.id)
 
     async def events(self, tenant_id: str, render_id: str) -> AsyncIterator[dict]:
         """Server-sent events: the render object (event `render`) whenever its status, queue
@@ -308,14 +320,6 @@ class RenderService:
                 return
             await asyncio.sleep(self.events_poll_s)
             task = await self.db.run(self.queue.get_any, task.id)
-
-
-def emit_terminal(emit: EventSink, render: dict, task: RenderTask) -> None:
-    """Call the sink for a terminal change (`render.<status>`); a failing sink is logged."""
-    try:
-        emit(task.tenant_id, f"render.{task.status}", render, task.webhook_url)
-    except Exception:  # noqa: BLE001 - the change is recorded; the sink is not its owner
-        _plain_log.exception("the event sink failed for render %s", task.id)
 
 
 class ProgressRenderer(Protocol):
@@ -392,7 +396,10 @@ class RenderDispatcher:
                     for task in await asyncio.to_thread(
                         self.queue.expire_leases, self.max_attempts
                     ):
-                        self._emit(task)
+                        await self._emit(task)
+                    # Events a crash kept from the sink (another replica's, or ours).
+                    for task in await asyncio.to_thread(self.queue.unsent_events, self.lease_s):
+                        await asyncio.to_thread(self.service.announce, task, True)
                 if now - last_renew >= self.renew_every_s:
                     last_renew = now
                     await self._renew()
@@ -430,9 +437,8 @@ class RenderDispatcher:
             if not held and render_id in self.inflight:
                 self.inflight[render_id].cancel()  # cancelled by its tenant: stop rendering
 
-    def _emit(self, task: RenderTask) -> None:
-        render = self.service.render_object(task, None, with_data=False)
-        emit_terminal(self.service.emit, render, task)
+    async def _emit(self, task: RenderTask) -> None:
+        await asyncio.to_thread(self.service.announce, task)
 
     # --- one render -----------------------------------------------------------------------------
     async def _run_one(self, task: RenderTask) -> None:
@@ -500,7 +506,7 @@ class RenderDispatcher:
             return
         if self.images.on_rendered is not None:
             self.images.on_rendered(task.tenant_id, len(images), job.adapter)
-        self._emit(await asyncio.to_thread(self.queue.get_any, task.id))
+        await self._emit(await asyncio.to_thread(self.queue.get_any, task.id))
 
     def _discard(self, keys: list[str]) -> None:
         for key in keys:
@@ -511,4 +517,4 @@ class RenderDispatcher:
 
     async def _fail(self, task: RenderTask, error: str, code: str) -> None:
         if await asyncio.to_thread(self.queue.fail, task.id, self.owner, error, code):
-            self._emit(await asyncio.to_thread(self.queue.get_any, task.id))
+            await self._emit(await asyncio.to_thread(self.queue.get_any, task.id))

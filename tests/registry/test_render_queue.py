@@ -193,3 +193,15 @@ def test_plans(queue) -> None:
         queue.set_plan("aa", "turbo")
     with pytest.raises(KeyError):
         queue.set_plan("nobody", "fast")
+
+
+def test_an_event_a_crash_kept_from_the_sink_is_found_once(queue) -> None:
+    sent, lost = put(queue, "aa"), put(queue, "aa")
+    for task in queue.claim("d1", 60, 2):
+        assert queue.succeed(task.id, "d1", {"images": []}, "m")
+    assert queue.event_sent(sent.id)  # handed to the sink; `lost`'s process died before that
+    assert not queue.event_sent(sent.id)
+    assert queue.unsent_events(older_than_s=3600) == []  # too recent: its dispatcher may live
+    taken = queue.unsent_events(older_than_s=0)
+    assert [t.id for t in taken] == [lost.id] and taken[0].status == "succeeded"
+    assert queue.unsent_events(older_than_s=0) == []  # taken once
