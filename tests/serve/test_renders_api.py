@@ -372,3 +372,23 @@ def test_a_render_outlives_its_dispatcher(farm_parts) -> None:
     wait_for(lambda: rid not in first.inflight, 30, "the first one gives it up")
     assert recorder.of(rid) == ["render.succeeded"]
     assert services.tenants.count_renders("takeover-co") == 1
+
+
+def test_two_dispatchers_share_the_queue_and_record_each_render_once(farm_parts) -> None:
+    """Two ingress replicas' dispatchers on one database: every render runs and is charged
+    once, and gets exactly one event."""
+    services, recorder, start = farm_parts
+    key = services.tenants.create_tenant("two-ingress-co").key
+
+    async def go():
+        async with client(services, key) as c:
+            return [(await c.post(RENDERS, json=TINY)).json()["id"] for _ in range(20)]
+
+    ids = run(go())
+    first, second = start(GatedRenderer()), start(GatedRenderer())
+    wait_for(
+        lambda: services.renders.queue.counts()["succeeded"] == 20, 60, "all 20 renders succeed"
+    )
+    assert sorted(e[2]["id"] for e in recorder.events) == sorted(ids)
+    assert services.tenants.count_renders("two-ingress-co") == 20
+    assert first.owner != second.owner
