@@ -426,16 +426,15 @@ class RenderDispatcher:
         held = await asyncio.to_thread(
             self.queue.renew, self.owner, list(self.inflight), self.lease_s
         )
-        for render_id, running in list(self.inflight.items()):
-            if render_id not in held:
-                running.cancel()
+        for render_id in set(self._rendering) - held:
+            self._stop(render_id)
 
     async def _write_progress(self) -> None:
         pending, self._progress = self._progress, {}
         for render_id, step in pending.items():
             held = await asyncio.to_thread(self.queue.progress, render_id, self.owner, step)
-            if not held and render_id in self.inflight:
-                self.inflight[render_id].cancel()  # cancelled by its tenant: stop rendering
+            if not held:
+                self._stop(render_id)  # cancelled by its tenant: stop rendering
 
     async def _emit(self, task: RenderTask) -> None:
         await asyncio.to_thread(self.service.announce, task)
@@ -454,9 +453,16 @@ class RenderDispatcher:
             self._progress.pop(task.id, None)
             self._rendered(task.id)
 
+    def _stop(self, render_id: str) -> None:
+        """Stop a render still on a replica (one being recorded finishes: its compare-and-set
+        decides whether anything is kept)."""
+        if render_id in self._rendering and render_id in self.inflight:
+            self.inflight[render_id].cancel()
+
     def _rendered(self, render_id: str) -> None:
         """The replica is done with the render: its slot goes to the next one while this one
         is stored and recorded."""
+        self._progress.pop(render_id, None)
         if render_id in self._rendering:
             self._rendering.discard(render_id)
             if self._wake is not None:
