@@ -55,7 +55,10 @@ PLANS = {"fast": ("fast", "relax"), "relax": ("relax",)}
 
 class RenderTaskRow(Base):
     __tablename__ = "render_tasks"
-    __table_args__ = (Index("ix_render_tasks_claim", "status", "tier", "vfinish"),)
+    __table_args__ = (
+        Index("ix_render_tasks_claim", "status", "tier", "vfinish"),
+        Index("ix_render_tasks_event_pending", "event_pending"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")

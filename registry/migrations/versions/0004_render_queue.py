@@ -47,6 +47,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_render_tasks_tenant_id", "render_tasks", ["tenant_id"])
     op.create_index("ix_render_tasks_claim", "render_tasks", ["status", "tier", "vfinish"])
+    op.create_index("ix_render_tasks_event_pending", "render_tasks", ["event_pending"])
     op.create_table(
         "render_plans",
         sa.Column("tenant_id", sa.String(length=63), nullable=False),
@@ -60,6 +61,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("render_plans")
+    op.drop_index("ix_render_tasks_event_pending", table_name="render_tasks")
     op.drop_index("ix_render_tasks_claim", table_name="render_tasks")
     op.drop_index("ix_render_tasks_tenant_id", table_name="render_tasks")
     op.drop_table("render_tasks")
