@@ -15,6 +15,7 @@ from serve.errors import ServiceUnavailable
 from serve.protocol import RenderedImage, RenderJob
 from serve.render_queue import RenderDispatcher, check_webhook_url
 from tests.polling import wait_for
+from tests.registry.conftest import sql_engine  # noqa: F401 - the SQLite / Postgres fixture
 from tests.serve.conftest import client
 
 RENDERS = "/v1/renders"
@@ -374,10 +375,16 @@ def test_a_render_outlives_its_dispatcher(farm_parts) -> None:
     assert services.tenants.count_renders("takeover-co") == 1
 
 
-def test_two_dispatchers_share_the_queue_and_record_each_render_once(farm_parts) -> None:
-    """Two ingress replicas' dispatchers on one database: every render runs and is charged
-    once, and gets exactly one event."""
-    services, recorder, start = farm_parts
+def test_two_dispatchers_share_the_queue_and_record_each_render_once(
+    local_parts,
+    sql_engine,  # noqa: F811 - the fixture imported above
+) -> None:
+    """Two ingress replicas' dispatchers on one database (SQLite, and Postgres where it
+    answers): every render runs and is charged once, and gets exactly one event."""
+    url = sql_engine.url.render_as_string(hide_password=False)
+    services = local_parts.services(database_url=url)
+    recorder = Recorder()
+    services.renders.emit = recorder
     key = services.tenants.create_tenant("two-ingress-co").key
 
     async def go():
@@ -385,10 +392,28 @@ def test_two_dispatchers_share_the_queue_and_record_each_render_once(farm_parts)
             return [(await c.post(RENDERS, json=TINY)).json()["id"] for _ in range(20)]
 
     ids = run(go())
-    first, second = start(GatedRenderer()), start(GatedRenderer())
-    wait_for(
-        lambda: services.renders.queue.counts()["succeeded"] == 20, 60, "all 20 renders succeed"
-    )
+    dispatchers = [
+        RenderDispatcher(
+            services.renders.queue,
+            services.images,
+            GatedRenderer(),
+            services.renders,
+            concurrency=2,
+            lease_s=30,
+            max_attempts=3,
+            poll_s=0.05,
+        )
+        for _ in range(2)
+    ]
+    stops = [d.start() for d in dispatchers]
+    try:
+        wait_for(
+            lambda: services.renders.queue.counts()["succeeded"] == 20,
+            60,
+            "all 20 renders succeed",
+        )
+    finally:
+        for stop in stops:
+            stop()
     assert sorted(e[2]["id"] for e in recorder.events) == sorted(ids)
     assert services.tenants.count_renders("two-ingress-co") == 20
-    assert first.owner != second.owner
