@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cluster.policy_cli import policy_app
 from cluster.processes import StackError
+from cluster.render_cli import register as register_render_commands
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
 from cluster.topology import Topology
@@ -32,8 +33,9 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(policy_app, name="policy")
 app.add_typer(webhooks_app, name="webhooks")
 tenants_app.add_typer(webhook_admin_app, name="webhook")
-renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
+renders_app = typer.Typer(help="Async and stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
+register_render_commands(app, renders_app)
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
 app.command("verify")(verify)

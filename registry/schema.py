@@ -11,6 +11,7 @@ import registry.files  # noqa: F401
 import registry.jobs  # noqa: F401
 import registry.near_duplicates  # noqa: F401
 import registry.render_limits  # noqa: F401
+import registry.render_queue  # noqa: F401
 import registry.tenants  # noqa: F401
 import registry.webhooks  # noqa: F401
 from registry.sql_base import Base

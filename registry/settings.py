@@ -387,6 +387,37 @@ class Settings(BaseSettings):
     render_retention_sweep_interval_s: float = Field(
         3600.0, ge=1, description="How often the ingress deletes expired renders."
     )
+    # --- async renders: the durable render queue (POST /v1/renders) ------------------------
+    render_queue_concurrency: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Queued renders each ingress replica's dispatcher keeps in flight on the "
+        "render replicas (match the replicas' batch capacity).",
+    )
+    render_queue_lease_s: float = Field(
+        30.0,
+        ge=1,
+        description="How long a dispatcher holds a render without renewing its lease; a render "
+        "whose ingress replica died is queued again this long after.",
+    )
+    render_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts of a render (lost replicas) before it fails."
+    )
+    render_queue_poll_s: float = Field(
+        0.2, gt=0, le=10, description="How often an idle dispatcher looks for queued renders."
+    )
+    max_queued_renders_per_tenant: int = Field(
+        200,
+        ge=0,
+        description="Unfinished async renders a tenant may have; more answer 429. A tenant's "
+        "render plan (`brandfarm renders plan`) can override it.",
+    )
+    render_default_plan: Literal["fast", "relax"] = Field(
+        "fast",
+        description="Render plan of tenants without one: `fast` allows the fast and relax "
+        "tiers, `relax` only relax.",
+    )
 
     # --- content policy -----------------------------------------------------------------------
     # Tenants set their own (`PUT /v1/moderation/policy`); the farm's applies on top of every

@@ -7,7 +7,7 @@ deployment and, for tests or a Ray-less box, under plain uvicorn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -28,6 +28,9 @@ from serve.jobs import FineTuneJobRequest, JobService
 from serve.moderation import ModerationService, moderation_router
 from serve.protocol import ImageGenerationRequest, Text
 from serve.webhooks import WebhookService
+
+if TYPE_CHECKING:
+    from serve.render_queue import RenderService
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
@@ -69,6 +72,7 @@ class ApiServices:
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
     moderation: ModerationService | None = None  # content policy routes (none: no routes)
     webhooks: WebhookService | None = None  # the /v1/webhooks routes (serve.webhooks_api)
+    renders: RenderService | None = None  # async renders (/v1/renders), where the farm has them
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -270,4 +274,8 @@ def create_api(services: ApiServices) -> FastAPI:
 
     app.include_router(webhooks_router)
     app.include_router(provenance_api.router)
+    if services.renders is not None:
+        from serve.renders_api import router as renders_router  # it imports this module
+
+        app.include_router(renders_router)
     return app

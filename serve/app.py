@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -156,7 +158,9 @@ class DiffusionReplica:
         self.queue_depth.set(0)
         self._publish()
 
-    async def render(self, job: RenderJob) -> list[RenderedImage]:
+    async def render(
+        self, job: RenderJob, on_progress: Callable[[int, int], None] | None = None
+    ) -> list[RenderedImage]:
         self._waiting += 1
         self.queue_depth.set(self._waiting)
         try:
@@ -165,11 +169,41 @@ class DiffusionReplica:
             deadline = None if timeout is None else time.monotonic() + timeout
             # Cancelling this coroutine (the caller went away) cancels the engine's future,
             # and the request's images leave the batch at the next step.
-            return await asyncio.wrap_future(self.engine.submit(job, weights, deadline))
+            return await asyncio.wrap_future(
+                self.engine.submit(job, weights, deadline, on_progress)
+            )
         finally:
             self._waiting -= 1
             self.queue_depth.set(self._waiting)
             self._publish()
+
+    async def render_stream(self, job: RenderJob) -> AsyncIterator[tuple]:
+        """`render`, streamed (a handle with `stream=True`): `("progress", done, total)` in
+        image-steps as the engine steps (the latest only, when the caller reads slower), then
+        `("images", [RenderedImage, ...])`. Closing the stream cancels the render."""
+        loop = asyncio.get_running_loop()
+        latest: asyncio.Queue = asyncio.Queue()
+
+        def on_progress(done: int, total: int) -> None:  # the engine thread
+            loop.call_soon_threadsafe(latest.put_nowait, (done, total))
+
+        rendering = asyncio.ensure_future(self.render(job, on_progress))
+        try:
+            while True:
+                update = asyncio.ensure_future(latest.get())
+                await asyncio.wait({rendering, update}, return_when=asyncio.FIRST_COMPLETED)
+                if not update.done():
+                    update.cancel()
+                elif not rendering.done():
+                    done, total = update.result()
+                    while not latest.empty():
+                        done, total = latest.get_nowait()
+                    yield ("progress", done, total)
+                if rendering.done():
+                    yield ("images", rendering.result())
+                    return
+        finally:
+            rendering.cancel()
 
     async def _weights_for(self, spec: AdapterSpec) -> AdapterWeights:
         routed = serve.get_multiplexed_model_id()
@@ -241,8 +275,30 @@ class ServeRenderer:
     async def render(self, job: RenderJob) -> list[RenderedImage]:
         model_id = job.adapter.model_id if job.adapter else ""
         response = self.handle.options(multiplexed_model_id=model_id).render.remote(job)
-        try:
+        with self._errors(response):
             return await response
+
+    async def render_progress(
+        self, job: RenderJob, on_progress: Callable[[int, int], None]
+    ) -> list[RenderedImage]:
+        """`render` over the replica's streaming method, calling `on_progress(done, total)`
+        (image-steps) as the replica reports them."""
+        model_id = job.adapter.model_id if job.adapter else ""
+        handle = self.handle.options(multiplexed_model_id=model_id, stream=True)
+        stream = handle.render_stream.remote(job)
+        with self._errors(stream):
+            async for kind, *rest in stream:
+                if kind == "progress":
+                    on_progress(*rest)
+                else:
+                    return rest[0]
+        raise RuntimeError("the replica's render stream ended without images")
+
+    @staticmethod
+    @contextmanager
+    def _errors(response) -> Iterator[None]:  # noqa: ANN001 - a response or response stream
+        try:
+            yield
         except asyncio.CancelledError:
             # The client went away (Serve cancels the ingress request): cancel the render too,
             # so the replica does not keep working for no one.

@@ -234,15 +234,20 @@ class ImageService:
             log.error("render with adapter %s failed: %s", job.adapter, e)
             raise e.as_api_error() from None
 
-    async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
-        job = self.limits.check(req)
-        if self.moderation is not None:  # a refusal leaves only its audit event
+    async def _moderate(self, tenant_id: str, req: ImageGenerationRequest) -> None:
+        """The content policy on the request's texts (400; a refusal leaves only its audit
+        event)."""
+        if self.moderation is not None:
             await self.moderation.check(
                 tenant_id,
                 "generation",
                 {"prompt": req.prompt, "negative_prompt": req.negative_prompt},
                 req.moderation,
             )
+
+    async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
+        job = self.limits.check(req)
+        await self._moderate(tenant_id, req)
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
@@ -291,3 +296,38 @@ class ImageService:
             adapter=adapter.describe() if adapter else None,
             output_format=req.output_format,
         )
+
+    # --- shared with the render queue (serve.render_queue) --------------------------------------
+    async def prepare(self, tenant_id: str, req: ImageGenerationRequest) -> RenderJob:
+        """Every check of `generate` short of the in-flight slot (400, 403, 404), and the
+        resolved adapter version: the job to render. Nothing is written."""
+        job = self.limits.check(req)
+        await self._moderate(tenant_id, req)
+        if self.tenant_limits is not None:
+            await self.tenant_limits.check_stored_bytes(tenant_id)
+        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req))
+
+    async def store_images(
+        self,
+        tenant_id: str,
+        render_id: str,
+        images: list[RenderedImage],
+        adapter: AdapterSpec | None = None,
+        output_format: str = "png",
+        quality: int | None = None,
+    ) -> tuple[list[str], list[dict | None]]:
+        """The near-duplicate check (422 when the tenant's policy blocks a match), then the
+        output files (watermarked, encoded, signed) stored all or none: their keys and each
+        image's near-duplicate match. 503 when the store fails."""
+        near: list[dict | None] = [None] * len(images)
+        if self.near_duplicates is not None:
+            images, near = await self.near_duplicates.check(tenant_id, adapter, images)
+        outputs = await self.encode_outputs(tenant_id, render_id, images, output_format, quality)
+        try:
+            keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, outputs)
+        except StorageError as e:
+            log.error("storing render %s failed: %s", render_id, e)
+            raise StorageUnavailable() from e
+        if self.tenant_limits is not None:
+            self.tenant_limits.stored(tenant_id, sum(len(o.data) for o in outputs))
+        return keys, near

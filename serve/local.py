@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 from serve.adapter_cache import AdapterFetcher, AdapterWeights, HostAdapterCache, parse_weights
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob
@@ -42,3 +43,22 @@ class EngineRenderer:
         if job.adapter is not None:
             weights = await asyncio.to_thread(self._weights, job.adapter)
         return await asyncio.to_thread(self.engine.generate, job, weights)
+
+    async def render_progress(
+        self, job: RenderJob, on_progress: Callable[[int, int], None]
+    ) -> list[RenderedImage]:
+        """`render`, calling `on_progress(done, total)` (image-steps) on this event loop as the
+        engine steps. Cancelling it makes the job's rows leave the engine's batch."""
+        weights = None
+        if job.adapter is not None:
+            weights = await asyncio.to_thread(self._weights, job.adapter)
+        loop = asyncio.get_running_loop()
+
+        def report(done: int, total: int) -> None:  # the engine thread
+            loop.call_soon_threadsafe(on_progress, done, total)
+
+        future = self.engine.submit(job, weights, None, report)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()

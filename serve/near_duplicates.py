@@ -79,6 +79,8 @@ class NearDuplicateService:
         self, tenant_id: str, adapter: AdapterSpec | None, images: list[RenderedImage]
     ) -> list[Match | None]:
         candidates = self._candidates(tenant_id, adapter.dataset_sha256 if adapter else "")
+        if not len(candidates.values):  # nothing to compare with: no hashing either
+            return [None] * len(images)
         return [candidates.nearest(png_phash(image.png)) for image in images]
 
     async def check(

@@ -18,6 +18,7 @@ from registry.jobs import JobStore
 from registry.limits import TenantLimits
 from registry.near_duplicates import ImageHashIndex
 from registry.render_limits import RenderLimiter
+from registry.render_queue import RenderQueueStore
 from registry.retention import RetentionSweeper
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
@@ -35,7 +36,9 @@ from serve.near_duplicates import NearDuplicateObserver, NearDuplicateService
 from serve.outputs import OutputEncoder
 from serve.protocol import RenderLimits
 from serve.reconciler import JobReconciler
+from serve.render_queue import RenderDispatcher, RenderService
 from serve.resolver import AdapterResolver
+from serve.webhook_urls import check_webhook_url
 from serve.webhooks import WebhookDispatcher, WebhookService
 
 
@@ -86,6 +89,18 @@ def build_services(
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
     jobs = JobService(settings, model, JobStore(engine), files, store, launcher, guard)
+    webhooks = WebhookStore(engine)
+    renders = RenderService(
+        RenderQueueStore(engine),
+        images,
+        default_plan=settings.render_default_plan,
+        max_queued=settings.max_queued_renders_per_tenant,
+        db_pool=pools.db,
+        # render.succeeded|failed|cancelled go through the webhook outbox (its own transaction;
+        # the queue keeps the event pending until this returns, so none is lost).
+        emit=webhooks.enqueue,
+        webhook_check=lambda url: check_webhook_url(url, settings),
+    )
     return ApiServices(
         model=model,
         tenants=tenants,
@@ -108,13 +123,15 @@ def build_services(
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
         db_pool=pools.db,
         moderation=moderation,
-        webhooks=WebhookService(WebhookStore(engine), settings),
+        webhooks=WebhookService(webhooks, settings),
+        renders=renders,
     )
 
 
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
-    Ray jobs, the outbox gets submitted), the render-retention sweeper and the webhook
+    Ray jobs, the outbox gets submitted), the render-retention sweeper, the webhook
+    dispatcher and the render queue's
     dispatcher. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
@@ -134,9 +151,22 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
     ).start()
     webhooks_stop = WebhookDispatcher(services.webhooks.store, settings).start()
 
+    renders = services.renders
+    dispatcher_stop = RenderDispatcher(
+        renders.queue,
+        services.images,
+        services.images.renderer,
+        renders,
+        concurrency=settings.render_queue_concurrency,
+        lease_s=settings.render_queue_lease_s,
+        max_attempts=settings.render_max_attempts,
+        poll_s=settings.render_queue_poll_s,
+    ).start()
+
     def stop() -> None:
         webhooks_stop.set()
         reconciler_stop.set()
         sweeper.stop()
+        dispatcher_stop()
 
     return stop

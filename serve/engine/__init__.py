@@ -52,6 +52,8 @@ class _Request:
     future: Future
     deadline: float | None  # time.monotonic() seconds
     images: list[RenderedImage | None] = field(default_factory=list)
+    on_progress: Callable[[int, int], None] | None = None  # (image-steps done, total)
+    stepped: int = 0
 
     @property
     def over(self) -> bool:
@@ -199,17 +201,19 @@ class DiffusionEngine:
         job: RenderJob,
         weights: AdapterWeights | None = None,
         deadline: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> Future:
         """Queue every image of the job; the future resolves to its `RenderedImage`s in seed
         order. Cancelling the future makes its rows leave the batch at the next step; past
         `deadline` (a `time.monotonic()` value) they leave too and the future fails with
-        `RenderDeadlineExceeded`. A job with an adapter needs its `weights`."""
+        `RenderDeadlineExceeded`. A job with an adapter needs its `weights`. `on_progress`
+        is called from the engine thread after each step with (image-steps done, total)."""
         spec = job.adapter
         if spec is not None and weights is None:
             raise ValueError(f"job names adapter {spec.model_id} but no weights were given")
         if spec is not None and weights.model_id != spec.model_id:
             raise ValueError(f"weights of {weights.model_id} given for {spec.model_id}")
-        request = _Request(job, weights, Future(), deadline, [None] * len(job.seeds))
+        request = _Request(job, weights, Future(), deadline, [None] * len(job.seeds), on_progress)
         now = time.monotonic()
         group = (self.model.id, job.height, job.width, type(self.pipeline.scheduler).__name__)
         adapter = spec.model_id if spec is not None else None
@@ -378,6 +382,7 @@ class DiffusionEngine:
             self.stats.record_step(len(batch))
             if self._on_step is not None:
                 self._on_step(len(batch))
+            self._report_progress(batch)
             done = [row for row in batch if row.state.done]
             for row in done:
                 self._finish(row)
@@ -385,6 +390,20 @@ class DiffusionEngine:
             self._release_row(row)
         with self._queue:
             self._scheduler.finish(done)
+
+    @staticmethod
+    def _report_progress(batch: list[Row]) -> None:
+        stepped: dict[int, _Request] = {}
+        for row in batch:
+            request: _Request = row.request
+            request.stepped += 1
+            if request.on_progress is not None:
+                stepped[id(request)] = request
+        for request in stepped.values():
+            try:
+                request.on_progress(request.stepped, request.job.steps * len(request.job.seeds))
+            except Exception:  # noqa: BLE001 - a progress listener never fails a render
+                log.exception("a progress callback failed")
 
     def _finish(self, row: Row) -> None:
         request: _Request = row.request

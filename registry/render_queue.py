@@ -1,0 +1,549 @@
+"""The durable render queue: one SQL row per async render, and each tenant's render plan.
+
+A render moves queued → in_progress → succeeded | failed | cancelled and never leaves a terminal
+state. Every change is a compare-and-set on the row (`UPDATE ... WHERE status = ... AND
+lease_owner = ...`, then the row count), so of two racing changes exactly one wins: a dispatcher
+whose lease expired (its render was queued again and claimed by another) records nothing, and
+a render cancelled while it ran is never recorded as succeeded. The usage row that charges the
+tenant (`renders`, keyed by the render id) is written in the same transaction as the success,
+so a render is charged exactly once, and never when it was cancelled.
+
+Claims take the queued rows in scheduling order, `tier` first (fast before relax), then the
+virtual finish time of weighted fair queuing (start-time fair queuing: a render's virtual start
+is the later of the tier's virtual time and its tenant's last virtual finish; its finish adds
+its cost, image-steps, divided by the tenant's weight). Postgres claims with `FOR UPDATE SKIP
+LOCKED`, so two dispatchers never wait on each other's rows; SQLite serialises writers and the
+compare-and-set alone decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import zlib
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from registry.sql_base import Base, utcnow
+from registry.tenants import RenderRow, TenantRow
+
+STATUSES = ("queued", "in_progress", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+UNFINISHED = ("queued", "in_progress")
+#: Priority tiers, in claim order: a relax render is claimed only when no fast one waits.
+TIERS = {"fast": 0, "relax": 1}
+#: Render plans and the tiers each allows.
+PLANS = {"fast": ("fast", "relax"), "relax": ("relax",)}
+
+
+class RenderTaskRow(Base):
+    __tablename__ = "render_tasks"
+    __table_args__ = (
+        Index("ix_render_tasks_claim", "status", "tier", "vfinish"),
+        Index("ix_render_tasks_event_pending", "event_pending"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[str] = mapped_column(String(8))
+    tier: Mapped[int] = mapped_column(Integer)
+    request: Mapped[str] = mapped_column(Text)  # JSON: the validated job, adapter, format
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    images: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float)  # image-steps
+    vstart: Mapped[float] = mapped_column(Float, default=0.0)
+    vfinish: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    result: Mapped[str | None] = mapped_column(Text)  # JSON: stored image keys and seeds
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    # True from a terminal change until its event was handed to the sink (`event_sent`).
+    event_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RenderPlanRow(Base):
+    """A tenant's render plan (which tiers), its fair-share weight and its queue-length cap;
+    a tenant without a row has the farm's defaults."""
+
+    __tablename__ = "render_plans"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    plan: Mapped[str] = mapped_column(String(16))
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    id: str
+    tenant_id: str
+    status: str
+    priority: str
+    request: dict
+    webhook_url: str | None
+    images: int
+    cost: float
+    vstart: float
+    vfinish: float
+    progress_step: int
+    progress_total: int
+    attempts: int
+    lease_owner: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result: dict | None
+    error: str | None
+    error_code: str | None
+
+    @classmethod
+    def of(cls, r: RenderTaskRow) -> RenderTask:
+        return cls(
+            r.id,
+            r.tenant_id,
+            r.status,
+            r.priority,
+            json.loads(r.request),
+            r.webhook_url,
+            r.images,
+            r.cost,
+            r.vstart,
+            r.vfinish,
+            r.progress_step,
+            r.progress_total,
+            r.attempts,
+            r.lease_owner,
+            r.created_at,
+            r.started_at,
+            r.finished_at,
+            json.loads(r.result) if r.result else None,
+            r.error,
+            r.error_code,
+        )
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    plan: str
+    weight: float
+    max_queued: int | None  # None: the farm's setting applies
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return PLANS[self.plan]
+
+
+class QueueFull(Exception):
+    """The tenant already has `cap` unfinished renders."""
+
+    def __init__(self, cap: int, used: int) -> None:
+        super().__init__(f"{used} unfinished renders of {cap}")
+        self.cap = cap
+        self.used = used
+
+
+class RenderQueueStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- plans ---------------------------------------------------------------------------------
+    def plan(self, tenant_id: str, default_plan: str) -> RenderPlan:
+        with Session(self.engine) as s:
+            row = s.get(RenderPlanRow, tenant_id)
+            if row is None:
+                return RenderPlan(default_plan, 1.0, None)
+            return RenderPlan(row.plan, row.weight, row.max_queued)
+
+    def set_plan(
+        self, tenant_id: str, plan: str, weight: float = 1.0, max_queued: int | None = None
+    ) -> RenderPlan:
+        if plan not in PLANS:
+            raise ValueError(f"plan must be one of {sorted(PLANS)}, got {plan!r}")
+        if not 0 < weight <= 1000:
+            raise ValueError(f"weight must be in (0, 1000], got {weight}")
+        if max_queued is not None and not 0 <= max_queued < 2**31:
+            raise ValueError(f"max_queued must be a whole number >= 0, got {max_queued}")
+        with Session(self.engine) as s, s.begin():
+            if s.get(TenantRow, tenant_id) is None:
+                raise KeyError(tenant_id)
+            row = s.get(RenderPlanRow, tenant_id)
+            if row is None:
+                row = RenderPlanRow(tenant_id=tenant_id)
+                s.add(row)
+            row.plan, row.weight, row.max_queued = plan, weight, max_queued
+        return RenderPlan(plan, weight, max_queued)
+
+    # --- enqueue -------------------------------------------------------------------------------
+    def enqueue(
+        self,
+        tenant_id: str,
+        priority: str,
+        request: dict,
+        images: int,
+        steps: int,
+        weight: float,
+        max_queued: int | None,
+        webhook_url: str | None = None,
+    ) -> RenderTask:
+        """Record a queued render with its fair-queuing tags; `QueueFull` when the tenant
+        already has `max_queued` unfinished renders (checked atomically with the insert)."""
+        tier = TIERS[priority]
+        render_id = f"render-{secrets.token_hex(12)}"
+        cost = float(images * steps)
+        with Session(self.engine) as s, s.begin():
+            if self.engine.dialect.name == "postgresql":
+                # Serialise a tenant's enqueues across ingress replicas: count, then insert.
+                key = zlib.crc32(f"render-queue:{tenant_id}".encode())
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            # Inserting first takes SQLite's write lock, so the count below sees every
+            # committed render of the tenant, and no other enqueue can commit in between.
+            s.add(
+                RenderTaskRow(
+                    id=render_id,
+                    tenant_id=tenant_id,
+                    status="queued",
+                    priority=priority,
+                    tier=tier,
+                    request=json.dumps(request),
+                    webhook_url=webhook_url,
+                    images=images,
+                    cost=cost,
+                    progress_step=0,
+                    progress_total=images * steps,
+                )
+            )
+            s.flush()
+            if max_queued is not None:
+                used = self._unfinished(s, tenant_id)
+                if used > max_queued:
+                    raise QueueFull(max_queued, used - 1)
+            vtime = self._virtual_time(s, tier)
+            last = s.scalar(
+                select(func.max(RenderTaskRow.vfinish)).where(
+                    RenderTaskRow.tenant_id == tenant_id,
+                    RenderTaskRow.tier == tier,
+                    RenderTaskRow.status.in_(UNFINISHED),
+                    RenderTaskRow.id != render_id,
+                )
+            )
+            start = max(vtime, last or 0.0)
+            s.execute(
+                update(RenderTaskRow)
+                .where(RenderTaskRow.id == render_id)
+                .values(vstart=start, vfinish=start + cost / weight)
+            )
+        return self.get_any(render_id)
+
+    @staticmethod
+    def _unfinished(s: Session, tenant_id: str) -> int:
+        return int(
+            s.scalar(
+                select(func.count()).where(
+                    RenderTaskRow.tenant_id == tenant_id, RenderTaskRow.status.in_(UNFINISHED)
+                )
+            )
+            or 0
+        )
+
+    @staticmethod
+    def _virtual_time(s: Session, tier: int) -> float:
+        """The tier's virtual time: the smallest virtual start still queued, else the largest
+        one running (0 when the tier is idle: nobody is owed anything then)."""
+        queued = s.scalar(
+            select(func.min(RenderTaskRow.vstart)).where(
+                RenderTaskRow.tier == tier,
+                RenderTaskRow.status == "queued",
+                RenderTaskRow.vfinish > 0,  # not an enqueue in progress (its tags are unset)
+            )
+        )
+        if queued is not None:
+            return float(queued)
+        running = s.scalar(
+            select(func.max(RenderTaskRow.vstart)).where(
+                RenderTaskRow.tier == tier, RenderTaskRow.status == "in_progress"
+            )
+        )
+        return float(running or 0.0)
+
+    # --- reads ---------------------------------------------------------------------------------
+    def get_any(self, render_id: str) -> RenderTask:
+        with Session(self.engine) as s:
+            row = s.get(RenderTaskRow, render_id)
+            if row is None:
+                raise KeyError(render_id)
+            return RenderTask.of(row)
+
+    def get(self, tenant_id: str, render_id: str) -> RenderTask | None:
+        with Session(self.engine) as s:
+            row = s.get(RenderTaskRow, render_id)
+            return RenderTask.of(row) if row is not None and row.tenant_id == tenant_id else None
+
+    def list(self, tenant_id: str, after: str | None, limit: int) -> tuple[list[RenderTask], bool]:
+        """Newest first; `after` is the id of the last render of the previous page."""
+        with Session(self.engine) as s:
+            q = select(RenderTaskRow).where(RenderTaskRow.tenant_id == tenant_id)
+            if after:
+                anchor = s.get(RenderTaskRow, after)
+                if anchor is None or anchor.tenant_id != tenant_id:
+                    raise KeyError(after)
+                q = q.where(
+                    (RenderTaskRow.created_at < anchor.created_at)
+                    | (
+                        (RenderTaskRow.created_at == anchor.created_at)
+                        & (RenderTaskRow.id < anchor.id)
+                    )
+                )
+            rows = s.scalars(
+                q.order_by(RenderTaskRow.created_at.desc(), RenderTaskRow.id.desc()).limit(
+                    limit + 1
+                )
+            )
+            records = [RenderTask.of(r) for r in rows]
+        return records[:limit], len(records) > limit
+
+    def queue_position(self, task: RenderTask) -> int | None:
+        """How many queued renders (any tenant) are claimed before this one; None unless
+        queued. 0 means it is next."""
+        if task.status != "queued":
+            return None
+        tier = TIERS[task.priority]
+        c = RenderTaskRow
+        with Session(self.engine) as s:
+            ahead = s.scalar(
+                select(func.count()).where(
+                    c.status == "queued",
+                    (c.tier < tier)
+                    | ((c.tier == tier) & (c.vfinish < task.vfinish))
+                    | ((c.tier == tier) & (c.vfinish == task.vfinish) & (c.id < task.id)),
+                )
+            )
+        return int(ahead or 0)
+
+    def counts(self) -> dict[str, int]:
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(RenderTaskRow.status, func.count()).group_by(RenderTaskRow.status)
+            ).all()
+        return {status: 0 for status in STATUSES} | {st: int(n) for st, n in rows}
+
+    # --- the dispatcher's side -----------------------------------------------------------------
+    def claim(self, owner: str, lease_s: float, limit: int) -> list[RenderTask]:
+        """Take up to `limit` queued renders in scheduling order, leased to `owner`."""
+        if limit <= 0:
+            return []
+        c = RenderTaskRow
+        with Session(self.engine) as s, s.begin():
+            ids = s.scalars(
+                select(c.id)
+                .where(c.status == "queued")
+                .order_by(c.tier, c.vfinish, c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            won = []
+            now = utcnow()
+            for render_id in ids:
+                done = s.execute(
+                    update(c)
+                    .where(c.id == render_id, c.status == "queued")
+                    .values(
+                        status="in_progress",
+                        lease_owner=owner,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                        attempts=c.attempts + 1,
+                        started_at=func.coalesce(c.started_at, now),
+                        progress_step=0,
+                    )
+                )
+                if done.rowcount == 1:
+                    won.append(render_id)
+        return [self.get_any(i) for i in won]
+
+    def _held(self, render_id: str, owner: str):  # noqa: ANN202 - a SQL expression
+        c = RenderTaskRow
+        return (c.id == render_id) & (c.status == "in_progress") & (c.lease_owner == owner)
+
+    def renew(self, owner: str, render_ids: list[str], lease_s: float) -> set[str]:
+        """Extend `owner`'s leases; the ids it still holds (the others were cancelled or
+        taken over after an expiry: their renders must stop)."""
+        if not render_ids:
+            return set()
+        c = RenderTaskRow
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(c)
+                .where(c.id.in_(render_ids), c.status == "in_progress", c.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+            )
+            held = s.scalars(
+                select(c.id).where(
+                    c.id.in_(render_ids), c.status == "in_progress", c.lease_owner == owner
+                )
+            ).all()
+        return set(held)
+
+    def progress(self, render_id: str, owner: str, step: int) -> bool:
+        """Record progress; False when `owner` no longer holds the render."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow).where(self._held(render_id, owner)).values(progress_step=step)
+            )
+            return done.rowcount == 1
+
+    def succeed(self, render_id: str, owner: str, result: dict, base_model: str) -> bool:
+        """Record the result and charge the tenant's usage, in one transaction, if and only
+        if `owner` still holds the render; False otherwise (nothing is written then)."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow)
+                .where(self._held(render_id, owner))
+                .values(
+                    status="succeeded",
+                    result=json.dumps(result),
+                    progress_step=RenderTaskRow.progress_total,
+                    finished_at=utcnow(),
+                    event_pending=True,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            if done.rowcount != 1:
+                return False
+            row = s.get(RenderTaskRow, render_id)
+            s.add(
+                RenderRow(
+                    id=render_id, tenant_id=row.tenant_id, images=row.images, base_model=base_model
+                )
+            )
+            return True
+
+    def fail(self, render_id: str, owner: str, error: str, error_code: str) -> bool:
+        """End the render as failed if `owner` still holds it. `error` is for the tenant."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow)
+                .where(self._held(render_id, owner))
+                .values(
+                    status="failed",
+                    error=error,
+                    error_code=error_code,
+                    finished_at=utcnow(),
+                    event_pending=True,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            return done.rowcount == 1
+
+    def release(self, render_id: str, owner: str) -> bool:
+        """Queue the render again (a retryable failure: the replica was lost, no capacity);
+        its fair-queuing tags stay, so it keeps its place."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow)
+                .where(self._held(render_id, owner))
+                .values(status="queued", lease_owner=None, lease_expires_at=None, progress_step=0)
+            )
+            return done.rowcount == 1
+
+    def expire_leases(self, max_attempts: int) -> list[RenderTask]:
+        """Queue again every render whose lease expired (its dispatcher died or hung); one
+        that has had `max_attempts` attempts fails instead. Returns the renders that failed
+        here (their events are the caller's to emit)."""
+        c = RenderTaskRow
+        now = utcnow()
+        with Session(self.engine) as s:
+            expired = s.execute(
+                select(c.id, c.lease_owner, c.attempts).where(
+                    c.status == "in_progress", c.lease_expires_at < now
+                )
+            ).all()
+        failed = []
+        for render_id, owner, attempts in expired:
+            if attempts >= max_attempts:
+                if self.fail(
+                    render_id,
+                    owner,
+                    f"the render was interrupted {attempts} times (its renderer was lost)",
+                    "render_interrupted",
+                ):
+                    failed.append(self.get_any(render_id))
+            else:
+                with Session(self.engine) as s, s.begin():
+                    s.execute(
+                        update(c)
+                        .where(self._held(render_id, owner), c.lease_expires_at < now)
+                        .values(
+                            status="queued",
+                            lease_owner=None,
+                            lease_expires_at=None,
+                            progress_step=0,
+                        )
+                    )
+        return failed
+
+    def event_sent(self, render_id: str) -> bool:
+        """The render's terminal event reached the sink; False if that was already recorded
+        (a recovery pass took it)."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(RenderTaskRow)
+                .where(RenderTaskRow.id == render_id, RenderTaskRow.event_pending.is_(True))
+                .values(event_pending=False)
+            )
+            return done.rowcount == 1
+
+    def unsent_events(self, older_than_s: float, limit: int = 100) -> list[RenderTask]:
+        """Terminal renders whose event a crash kept from the sink (the change committed, the
+        process died before the call), each taken by one caller (compare-and-set)."""
+        c = RenderTaskRow
+        since = utcnow() - dt.timedelta(seconds=older_than_s)
+        with Session(self.engine) as s:
+            ids = s.scalars(
+                select(c.id)
+                .where(c.event_pending.is_(True), c.finished_at < since)
+                .order_by(c.finished_at)
+                .limit(limit)
+            ).all()
+        return [self.get_any(i) for i in ids if self.event_sent(i)]
+
+    def cancel(self, tenant_id: str, render_id: str) -> tuple[RenderTask | None, bool]:
+        """Cancel the render if it is unfinished (compare-and-set); the render as it now is
+        (None if the tenant has no such render) and whether this call cancelled it."""
+        c = RenderTaskRow
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(c)
+                .where(c.id == render_id, c.tenant_id == tenant_id, c.status.in_(UNFINISHED))
+                .values(
+                    status="cancelled",
+                    finished_at=utcnow(),
+                    event_pending=True,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+        return self.get(tenant_id, render_id), done.rowcount == 1
