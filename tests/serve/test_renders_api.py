@@ -464,3 +464,30 @@ def test_render_events_reach_the_webhook_outbox_with_the_renders_own_url(local_p
         assert delivery.payload["data"]["id"] == render["id"]
     finally:
         stop()
+
+
+def test_async_render_outputs_carry_a_valid_trusted_c2pa_manifest(farm_parts) -> None:
+    """The queue's images are the farm's outputs like any other: webp here, signed by the farm
+    CA, with the render id in the manifest."""
+    from serve.provenance import RENDER_ASSERTION, verify_image
+
+    services, _, start = farm_parts
+    key = services.tenants.create_tenant("signed-co").key
+    start()
+
+    async def go():
+        async with client(services, key) as c:
+            created = (await c.post(RENDERS, json={**TINY, "output_format": "webp"})).json()
+            await c.get(f"{RENDERS}/{created['id']}/events")  # follows it to the end
+            return (await c.get(f"{RENDERS}/{created['id']}")).json()
+
+    done = run(go())
+    assert done["status"] == "succeeded", done
+    [stored] = services.store.list(f"tenants/signed-co/renders/{done['id']}")
+    assert stored.key.endswith(".webp")
+    report = verify_image(
+        services.store.get_bytes(stored.key), services.images.outputs.trust_anchors
+    )
+    assert report["valid"] and report["trusted"], report["manifest"]
+    assert RENDER_ASSERTION in json.dumps(report["manifest"])
+    assert done["id"] in json.dumps(report["manifest"])
