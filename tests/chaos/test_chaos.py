@@ -185,6 +185,55 @@ def test_replica_killed_under_openai_stream_loses_no_request(chaos_farm, tenant)
     assert all(status == 503 for status, _ in responses.errors()), responses.errors()
 
 
+def test_replica_killed_under_async_renders_each_finishes_once(chaos_farm):
+    """SIGKILL the diffusion replica while the render queue has renders in flight: every
+    accepted render still succeeds (the lost ones are queued again), each is charged once and
+    stored once."""
+    farm = chaos_farm
+    name = f"async-chaos-{uuid.uuid4().hex[:6]}"
+    key = farm.new_tenant(name)
+    total = 12
+    with farm.http(key) as http:
+        ids = []
+        for i in range(total):
+            r = http.post("/renders", json=render_body(5000 + i))
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+
+        def statuses() -> list[str]:
+            return [http.get(f"/renders/{i}").json()["status"] for i in ids]
+
+        old = replica_pids(farm)
+        assert len(old) == 1, old
+        wait_for(
+            lambda: (s := statuses()).count("succeeded") >= 2 and "in_progress" in s,
+            600,
+            "some renders done and others in flight",
+        )
+        in_flight = statuses().count("in_progress")
+        os.kill(old[0], signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(
+            lambda: all(s in ("succeeded", "failed", "cancelled") for s in statuses()),
+            900,
+            "every render ended",
+        )
+        ended = time.monotonic()
+        final = [http.get(f"/renders/{i}").json() for i in ids]
+    figures(
+        "replica-killed-async",
+        renders=total,
+        in_flight_at_kill=in_flight,
+        failed=sum(r["status"] != "succeeded" for r in final),
+        all_done_after_kill_s=ended - killed,
+    )
+    assert [r["status"] for r in final] == ["succeeded"] * total, final
+    assert farm.tenants.count_renders(name) == total  # charged once each
+    stored = [o.key for o in farm.store.list(f"tenants/{name}/renders/")]
+    assert sorted(k.split("/")[3] for k in stored) == sorted(ids), stored  # one image each
+    assert replica_pids(farm) != old
+
+
 # --- S3 killed ------------------------------------------------------------------------------
 
 
