@@ -118,10 +118,9 @@ def step(
     """Advance every row by one of its own timesteps.
 
     One UNet call runs all rows (a guided row is two UNet rows), and each row uses its own
-    adapter. With `invariant`, the call computes every row batch-invariantly: its products run
-    through `invariant.batch_invariant`, a call of one row is padded to two, and each adapter's
-    delta is computed over the whole call and added to its own rows (peft would compute it over
-    that adapter's rows, a count that depends on the batch). A row's result is then
+    adapter (peft's per-adapter sub-batches). With `invariant`, the call computes every row
+    batch-invariantly: its products, the adapters' sub-batch products included, run through
+    `invariant.batch_invariant`, and a call of one row is padded to two. A row's result is then
     bit-identical however many rows share its call and whoever they are (docs/architecture.md,
     "Pixel identity").
     """
