@@ -5,7 +5,8 @@ rank and target modules. The plain loop follows the recipe of diffusers'
 `examples/text_to_image/train_text_to_image_lora.py`: every step encodes the images with the
 VAE and the captions with the text encoder, adds DDPM noise, predicts it with the UNet, and
 steps AdamW through `accelerator.backward`. Ours (`finetune.train.train_lora`) encodes the
-dataset once and samples latents from the stored posteriors.
+dataset once (VAE posteriors and text encoder outputs), samples latents from the stored
+posteriors, and looks noise-schedule values up in tables made once per run.
 
     python bench/train_loop.py [--base-model tiny-sd-random] [--steps 30] [--batch-size 4]
 """
