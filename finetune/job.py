@@ -373,7 +373,7 @@ class Worker:
             done = (
                 [
                     v
-                    for v in registry.versions(job.tenant_id, job.brand)
+                    for v in registry.versions(job.tenant_id, job.brand, include_archived=True)
                     if v.tags.get("job_id") == job.id
                 ]
                 if job.brand in registry.brands(job.tenant_id)
