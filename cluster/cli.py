@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cluster import adapter_cli  # noqa: F401 - registers `adapters archive/expire-archived`
 from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
