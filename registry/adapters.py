@@ -389,6 +389,11 @@ class AdapterRegistry:
         at the destination). The version is re-read from the registry under its own tenant."""
         current = self.get(version.tenant, version.brand, version.version)
         label = f"{current.name} v{current.version}"
+        if current.tags.get(WEIGHTS_DELETED_TAG):
+            raise AdapterNotFound(
+                f"adapter {current.brand!r} version {current.version} was archived and its "
+                "weights deleted"
+            )
         if not current.sha256:
             raise AdapterCorrupt(f"{label} has no sha256 tag; register it again")
         if current.sha256 != version.sha256:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow.artifacts
 import pytest
@@ -21,7 +22,6 @@ from registry.adapters import (
     AdapterNotFound,
     AdapterRef,
     AdapterRegistry,
-    RegistryError,
 )
 from tests.registry import test_adapters as shared
 from tests.registry.test_adapters import Adapters, lineage, new_run, not_found_message
@@ -100,7 +100,7 @@ def test_another_tenant_archives_nothing_and_reads_not_found(
 
 
 def test_retention_deletes_only_weights_archived_longer_than_the_setting(
-    farm, registry: AdapterRegistry, brand: Brand
+    farm, registry: AdapterRegistry, brand: Brand, tmp_path: Path
 ) -> None:
     registry.archive(brand.tenant, BRAND, 1)  # already archived if the first test ran
     settings = farm.settings.model_copy(update={"adapter_archive_retention_days": 1.0})
@@ -117,8 +117,8 @@ def test_retention_deletes_only_weights_archived_longer_than_the_setting(
     assert stored_files(registry, brand.tenant, 1) == []
     v1 = registry.get(brand.tenant, BRAND, 1)
     assert v1.tags[WEIGHTS_DELETED_TAG] and v1.tags["job_id"] == "job-1"  # lineage stays
-    with pytest.raises(RegistryError):
-        registry.download(v1, farm.settings.state_dir / "gone")
+    with pytest.raises(AdapterNotFound, match="weights deleted"):
+        registry.download(v1, tmp_path)
     assert stored_files(registry, brand.tenant, 2) and stored_files(registry, brand.tenant, 3)
     again = expire_archived_adapters(settings, farm.tenants, registry, later)
     assert mine not in again.versions
