@@ -86,7 +86,7 @@ def test_archive_refuses_while_an_alias_points_at_the_version(
         registry.archive(brand.tenant, BRAND, 2)
     assert e.value.aliases == ("production",)
     assert registry.get(brand.tenant, BRAND, 2).archived_at is None
-    assert registry.resolve(brand.tenant, AdapterRef(BRAND)).version == 2
+    assert registry.resolve(brand.tenant, AdapterRef.parse(BRAND)).version == 2
 
 
 def test_another_tenant_archives_nothing_and_reads_not_found(
