@@ -143,8 +143,16 @@ class AdapterVersion:
 
     @property
     def archived_at(self) -> dt.datetime | None:
+        """When the version was archived (UTC); a hand-set tag that is not ISO 8601 counts as
+        archived at the version's creation."""
         stamp = self.tags.get(ARCHIVED_TAG)
-        return dt.datetime.fromisoformat(stamp) if stamp else None
+        if not stamp:
+            return None
+        try:
+            when = dt.datetime.fromisoformat(stamp)
+        except ValueError:
+            return self.created_at
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -22,6 +22,7 @@ from registry.adapters import (
     AdapterNotFound,
     AdapterRef,
     AdapterRegistry,
+    AdapterVersion,
 )
 from tests.registry import test_adapters as shared
 from tests.registry.test_adapters import Adapters, lineage, new_run, not_found_message
@@ -170,3 +171,17 @@ def test_api_archives_shows_lineage_and_hides_foreign_brands(
             json={"prompt": "a red circle", "steps": 1, "adapter": f"{BRAND}:3"},
         )
         assert render.status_code == 404, render.text
+
+
+def test_archived_at_reads_the_tag_in_utc_and_tolerates_a_hand_set_one() -> None:
+    created = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+
+    def version(**tags: str) -> AdapterVersion:
+        return AdapterVersion("t1", BRAND, 1, (), tags, {}, "", "", "", created)
+
+    assert version().archived_at is None
+    stamp = "2026-03-04T05:06:07+00:00"
+    assert version(archived_at=stamp).archived_at == dt.datetime.fromisoformat(stamp)
+    naive = version(archived_at="2026-03-04T05:06:07").archived_at
+    assert naive == dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    assert version(archived_at="yes").archived_at == created
