@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cluster import adapter_cli  # noqa: F401 - registers `adapters archive/expire-archived`
 from cluster.policy_cli import policy_app
 from cluster.processes import StackError
 from cluster.render_cli import register as register_render_commands

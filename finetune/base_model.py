@@ -345,6 +345,60 @@ def encode_dataset(
     return torch.cat(means), torch.cat(stds)
 
 
+class NoiseTables:
+    """Per-timestep tables of a DDPM schedule, computed once on the training device.
+
+    ``scheduler.add_noise`` and ``get_velocity`` move ``alphas_cumprod`` to the device and take
+    square roots on every call; a training loop looks the same values up here instead.
+    """
+
+    def __init__(
+        self, scheduler: DDPMScheduler, device: torch.device | str, min_snr_gamma: float | None
+    ) -> None:
+        alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.v_prediction = scheduler.config.prediction_type == "v_prediction"
+        self.sqrt_alpha = alphas_cumprod**0.5
+        self.sqrt_one_minus_alpha = (1 - alphas_cumprod) ** 0.5
+        self.snr_weight = None
+        if min_snr_gamma:
+            # Min-SNR weighting (Hang et al. 2023), in its v-prediction form.
+            snr = alphas_cumprod / (1 - alphas_cumprod)
+            clamped = torch.clamp(snr, max=min_snr_gamma)
+            self.snr_weight = clamped / (snr + 1) if self.v_prediction else clamped / snr
+
+
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    tables: NoiseTables,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One denoising loss: noise ``latents`` to random timesteps, predict the target.
+
+    Shared by the base-model training and the LoRA fine-tune (``finetune.train``), which passes
+    text encoder outputs it computed once for the whole dataset.
+    """
+    # Drawn from the (CPU) generator, then moved: the same noise on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(
+        0, tables.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(latents.device)
+    per_row = (-1,) + (1,) * (latents.ndim - 1)
+    sqrt_alpha = tables.sqrt_alpha[timesteps].view(per_row)
+    sqrt_one_minus_alpha = tables.sqrt_one_minus_alpha[timesteps].view(per_row)
+    noisy = sqrt_alpha * latents + sqrt_one_minus_alpha * noise
+    # v-prediction's velocity, as `scheduler.get_velocity` computes it.
+    velocity = sqrt_alpha * noise - sqrt_one_minus_alpha * latents
+    target = velocity if tables.v_prediction else noise
+    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if tables.snr_weight is not None:
+        per_sample = per_sample * tables.snr_weight[timesteps]
+    return per_sample.mean()
+
+
 def diffusion_loss(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -354,33 +408,9 @@ def diffusion_loss(
     generator: torch.Generator,
     min_snr_gamma: float | None,
 ) -> torch.Tensor:
-    """One denoising loss: noise ``latents`` to random timesteps, predict the target.
-
-    Shared by the base-model training and the LoRA fine-tune (``finetune.train``).
-    """
-    # Drawn from the (CPU) generator, then moved: the same noise on every device.
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    timesteps_cpu = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
-    timesteps = timesteps_cpu.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    encoder_hidden_states = text_encoder(input_ids)[0]
-    pred = unet(noisy, timesteps, encoder_hidden_states).sample
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        # Min-SNR weighting (Hang et al. 2023), in its v-prediction form.
-        alphas_cumprod = scheduler.alphas_cumprod[timesteps_cpu].to(latents.device)
-        snr = alphas_cumprod / (1 - alphas_cumprod)
-        weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-        if scheduler.config.prediction_type != "v_prediction":
-            weight = torch.clamp(snr, max=min_snr_gamma) / snr
-        per_sample = per_sample * weight
-    return per_sample.mean()
+    """``denoising_loss`` with the text encoder in the graph (the base model trains it)."""
+    tables = NoiseTables(scheduler, latents.device, min_snr_gamma)
+    return denoising_loss(unet, tables, latents, text_encoder(input_ids)[0], generator)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from registry.settings import Settings, load_settings
 from registry.storage import ObjectNotFound, ObjectStore, StorageError, tenant_prefix
 
 EVENT_EVERY = 5  # steps between progress events in the job log
+#: Seconds between two reads of the cancel flag while training.
+STOP_POLL_S = 1.0
 log = logging.getLogger("finetune.job")
 
 
@@ -226,20 +229,28 @@ class JobReporter:
             self.store.delete(old + checkpoints.META_SUFFIX)
             self.store.delete(old + checkpoints.TENSORS_SUFFIX)
 
-    def progress(self, step: int, total: int, loss: float) -> None:
+    @functools.cached_property
+    def _mlflow(self):  # noqa: ANN202 - an MlflowClient, made once (per process) not per step
         import mlflow
 
-        mlflow.MlflowClient(self.settings.resolved_mlflow_uri).log_metric(
-            self.run_id, "loss", loss, step=step
-        )
+        return mlflow.MlflowClient(self.settings.resolved_mlflow_uri)
+
+    def progress(self, step: int, total: int, loss: float) -> None:
+        self._mlflow.log_metric(self.run_id, "loss", loss, step=step)
         if step % EVENT_EVERY == 0 or step == total:
             self.event(f"step {step}/{total}", step=step, loss=loss)
 
     def should_stop(self) -> bool:
         """Cancelled, or ended by someone else (the reconciler failed a job whose Ray job it
-        found gone): either way this process must not go on training."""
-        job = self.jobs.get_any(self.job.id)
-        return job.cancel_requested or job.status in TERMINAL
+        found gone): either way this process must not go on training. Training asks every
+        step; the database is asked at most every `STOP_POLL_S` (a GPU step takes milliseconds),
+        and a yes is final."""
+        now = time.monotonic()
+        if not self.__dict__.get("_stop") and now >= self.__dict__.get("_stop_next", 0.0):
+            job = self.jobs.get_any(self.job.id)
+            self._stop = job.cancel_requested or job.status in TERMINAL
+            self._stop_next = now + STOP_POLL_S
+        return self._stop
 
     def adapter_prefix(self) -> str:
         return f"{tenant_prefix(self.job.tenant_id)}jobs/{self.job.id}/adapter/"
@@ -373,7 +384,7 @@ class Worker:
             done = (
                 [
                     v
-                    for v in registry.versions(job.tenant_id, job.brand)
+                    for v in registry.versions(job.tenant_id, job.brand, include_archived=True)
                     if v.tags.get("job_id") == job.id
                 ]
                 if job.brand in registry.brands(job.tenant_id)

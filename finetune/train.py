@@ -22,7 +22,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
 from finetune.base_model import (
-    diffusion_loss,
+    NoiseTables,
+    denoising_loss,
     encode_dataset,
     images_to_tensor,
     seed_everything,
@@ -76,6 +77,25 @@ def load_examples(folder: str | Path) -> list[tuple[Image.Image, str]]:
     if not examples:
         raise ValueError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return examples
+
+
+def encode_captions(
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    captions: Sequence[str],
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The text encoder's last hidden states of every caption, ``(len(captions), tokens, width)``.
+
+    Each distinct caption is encoded once (brand datasets repeat captions)."""
+    distinct = list(dict.fromkeys(captions))
+    ids = tokenize(tokenizer, distinct).to(device)
+    states = torch.cat(
+        [text_encoder(ids[i : i + batch_size])[0] for i in range(0, len(ids), batch_size)]
+    )
+    row = {caption: i for i, caption in enumerate(distinct)}
+    return states[torch.tensor([row[c] for c in captions], device=device)]
 
 
 def train_lora(
@@ -159,13 +179,22 @@ def train_lora(
     text_encoder.to(device, dtype=weight_dtype)
     unet.to(device)
 
-    # Encode the dataset once: images at the model's resolution to latents, captions to ids.
+    # Encode the dataset once: images at the model's resolution to latent posteriors (sampled
+    # afresh each step), captions to text encoder outputs (kohya's `cache_text_encoder_outputs`;
+    # the text encoder is frozen here, so its outputs never change). Then neither the VAE nor the
+    # text encoder runs again, and they leave the device.
     resolution = unet.config.sample_size * pipe.vae_scale_factor
     pixels = images_to_tensor([image for image, _ in examples], resolution).to(device)
     with torch.no_grad():
         latent_mean, latent_std = encode_dataset(vae, pixels)
-    input_ids = tokenize(tokenizer, [text for _, text in examples]).to(device)
+        encoder_hidden_states = encode_captions(
+            text_encoder, tokenizer, [text for _, text in examples], device
+        )
+    del pixels
     scaling_factor = vae.config.scaling_factor
+    tables = NoiseTables(noise_scheduler, device, min_snr_gamma)
+    del pipe, vae, text_encoder, tokenizer
+    latent_shape = (batch_size, *latent_mean.shape[1:])
 
     # Train (from a checkpoint's state when resuming). One step is one optimizer update of
     # `gradient_accumulation_steps` micro-batches, so checkpoints fall on update boundaries.
@@ -185,28 +214,22 @@ def train_lora(
     for step in range(first_step, steps):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before step {step + 1} of {steps}")
-        micro_losses = []
+        step_loss = torch.zeros((), device=device)
         for _ in range(gradient_accumulation_steps):
             with accelerator.accumulate(unet):
                 idx = torch.randint(0, len(examples), (batch_size,), generator=generator)
-                eps = torch.randn(latent_mean[idx].shape, generator=generator).to(device)
+                eps = torch.randn(latent_shape, generator=generator).to(device)
+                idx = idx.to(device)
                 latents = (latent_mean[idx] + latent_std[idx] * eps) * scaling_factor
-                loss = diffusion_loss(
-                    unet,
-                    text_encoder,
-                    noise_scheduler,
-                    latents,
-                    input_ids[idx.to(device)],
-                    generator,
-                    min_snr_gamma,
-                )
+                loss = denoising_loss(unet, tables, latents, encoder_hidden_states[idx], generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(lora_params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.item())
-        losses.append(sum(micro_losses) / len(micro_losses))
+                step_loss += loss.detach()
+        # One host sync per step, not one per micro-batch.
+        losses.append(step_loss.item() / gradient_accumulation_steps)
         if progress is not None:
             progress(step + 1, steps, losses[-1])
         if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import mlflow
 import mlflow.artifacts
 import mlflow.diffusers
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 from mlflow.exceptions import MlflowException
@@ -75,6 +76,10 @@ LINEAGE_TAGS = (
 )
 #: Tags the registry sets itself.
 TENANT_TAG, BRAND_TAG, SHA256_TAG = "tenant", "brand", "sha256"
+#: Set (to the UTC time, ISO 8601) when a version is archived: hidden from listings and refused
+#: by resolution; its weights stay until `registry.adapter_retention` deletes them and sets
+#: ``weights_deleted_at``.
+ARCHIVED_TAG, WEIGHTS_DELETED_TAG = "archived_at", "weights_deleted_at"
 
 _MISSING = "RESOURCE_DOES_NOT_EXIST"
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
@@ -90,6 +95,18 @@ class AdapterNotFound(LookupError):
 
 class AdapterCorrupt(RegistryError):
     """Stored adapter weights do not match their sha256: a half or altered upload."""
+
+
+class AdapterInUse(RuntimeError):
+    """The version cannot be archived: aliases (``aliases``) point at it."""
+
+    def __init__(self, message: str, aliases: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.aliases = aliases
+
+
+class AdapterArchived(RuntimeError):
+    """The version is archived: no alias may point at it."""
 
 
 def registered_model_name(tenant: str, brand: str) -> str:
@@ -124,6 +141,19 @@ class AdapterVersion:
     def name(self) -> str:
         return registered_model_name(self.tenant, self.brand)
 
+    @property
+    def archived_at(self) -> dt.datetime | None:
+        """When the version was archived (UTC); a hand-set tag that is not ISO 8601 counts as
+        archived at the version's creation."""
+        stamp = self.tags.get(ARCHIVED_TAG)
+        if not stamp:
+            return None
+        try:
+            when = dt.datetime.fromisoformat(stamp)
+        except ValueError:
+            return self.created_at
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
@@ -151,14 +181,19 @@ class AdapterRegistry:
             if m.name.startswith(prefix) and _NAME.match(m.name[len(prefix) :])
         )
 
-    def versions(self, tenant: str, brand: str) -> list[AdapterVersion]:
-        """Every version of the brand, newest first, with aliases and its run's metrics."""
+    def versions(
+        self, tenant: str, brand: str, include_archived: bool = False
+    ) -> list[AdapterVersion]:
+        """The brand's versions (archived ones only if asked), newest first, with aliases and
+        their runs' metrics."""
         name = registered_model_name(tenant, brand)
         aliases = self._aliases(tenant, brand)
         found = self._search(self.client.search_model_versions, f"name = '{name}'")
         metrics: dict[str, dict[str, float]] = {}
         out = []
         for mv in sorted(found, key=lambda mv: int(mv.version), reverse=True):
+            if not include_archived and (mv.tags or {}).get(ARCHIVED_TAG):
+                continue
             if mv.run_id and mv.run_id not in metrics:
                 metrics[mv.run_id] = self._run_metrics(mv.run_id)
             out.append(self._version(tenant, brand, mv, aliases, metrics.get(mv.run_id, {})))
@@ -181,7 +216,12 @@ class AdapterRegistry:
     def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion:
         """The concrete version an alias or version reference names for this tenant."""
         if ref.version is not None:
-            return self.get(tenant, ref.brand, ref.version)
+            found = self.get(tenant, ref.brand, ref.version)
+            if found.archived_at is not None:
+                raise AdapterNotFound(
+                    f"adapter {ref.brand!r} version {ref.version} is archived; use another version"
+                )
+            return found
         aliases = self._aliases(tenant, ref.brand)
         for version, names in aliases.items():
             if ref.alias in names:
@@ -196,7 +236,74 @@ class AdapterRegistry:
         """Point ``alias`` at ``version`` (promotion and rollback alike); returns that version."""
         name = registered_model_name(tenant, brand)
         check_alias(alias)
-        self.get(tenant, brand, version)  # AdapterNotFound for a missing brand or version
+        # AdapterNotFound for a missing brand or version.
+        self._refuse_archived(self.get(tenant, brand, version), alias)
+        before = self._aliases(tenant, brand)
+        previous = next((v for v, names in before.items() if alias in names), None)
+        self._set_alias(name, alias, version)
+        found = self.get(tenant, brand, version)
+        if found.archived_at is not None:
+            # Archived between the check and the move: put the alias back where it was.
+            if previous is None:
+                self._mlflow(
+                    f"delete alias {alias} of {name}",
+                    self.client.delete_registered_model_alias,
+                    name,
+                    alias,
+                )
+            else:
+                self._set_alias(name, alias, previous)
+            self._refuse_archived(found, alias)
+        return found
+
+    def archive(self, tenant: str, brand: str, version: int) -> AdapterVersion:
+        """Archive a version: tag it ``archived_at``, which hides it from `versions` and makes
+        `resolve` refuse it. `AdapterInUse` (naming the aliases) while an alias points at it;
+        archiving an archived version changes nothing. The weights stay in the store."""
+        name = registered_model_name(tenant, brand)
+        found = self.get(tenant, brand, version)
+        if found.archived_at is not None:
+            return found
+        self._refuse_in_use(found)
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self._tag(name, version, ARCHIVED_TAG, stamp)
+        after = self.get(tenant, brand, version)
+        if after.aliases:
+            # An alias moved here meanwhile: the version stays in use, and unarchived.
+            self._mlflow(
+                f"untag {name} v{version}",
+                self.client.delete_model_version_tag,
+                name,
+                str(version),
+                ARCHIVED_TAG,
+            )
+            self._refuse_in_use(after)
+        return after
+
+    def delete_weights(self, version: AdapterVersion) -> None:
+        """Delete an archived version's logged model artifacts (the weights and MLmodel) from
+        the artifact store through the tracking server, then tag it ``weights_deleted_at``."""
+        if version.archived_at is None:
+            raise ValueError(f"{version.name} v{version.version} is not archived")
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        label = f"{version.name} v{version.version}"
+        uri = self._mlflow(
+            f"locate {label}",
+            self.client.get_model_version_download_uri,
+            version.name,
+            str(version.version),
+        )
+        try:
+            get_artifact_repository(uri, tracking_uri=self.tracking_uri).delete_artifacts()
+        except (MlflowException, OSError, requests.RequestException) as e:
+            raise RegistryError(
+                f"MLflow at {self.tracking_uri}: deleting the artifacts of {label} failed: {e}"
+            ) from e
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self._tag(version.name, version.version, WEIGHTS_DELETED_TAG, stamp)
+
+    def _set_alias(self, name: str, alias: str, version: int) -> None:
         self._mlflow(
             f"set alias {alias} of {name}",
             self.client.set_registered_model_alias,
@@ -204,7 +311,35 @@ class AdapterRegistry:
             alias,
             str(version),
         )
-        return self.get(tenant, brand, version)
+
+    def _tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._mlflow(
+            f"tag {name} v{version}",
+            self.client.set_model_version_tag,
+            name,
+            str(version),
+            key,
+            value,
+        )
+
+    @staticmethod
+    def _refuse_archived(version: AdapterVersion, alias: str) -> None:
+        if version.archived_at is not None:
+            raise AdapterArchived(
+                f"adapter {version.brand!r} version {version.version} is archived; alias "
+                f"{alias!r} cannot point at it"
+            )
+
+    @staticmethod
+    def _refuse_in_use(version: AdapterVersion) -> None:
+        if version.aliases:
+            names = ", ".join(version.aliases)
+            raise AdapterInUse(
+                f"adapter {version.brand!r} version {version.version} is in use by the alias"
+                f"{'es' if len(version.aliases) > 1 else ''} {names}; point "
+                f"{'them' if len(version.aliases) > 1 else 'it'} at another version first",
+                version.aliases,
+            )
 
     def register(
         self,
@@ -251,13 +386,7 @@ class AdapterRegistry:
             model_id=logged.model_id,
             description=f"LoRA adapter of job {version_tags['job_id']}",
         )
-        self._mlflow(
-            f"set alias {STAGING} of {name}",
-            self.client.set_registered_model_alias,
-            name,
-            STAGING,
-            mv.version,
-        )
+        self._set_alias(name, STAGING, int(mv.version))
         return self.get(tenant, brand, int(mv.version))
 
     # --- the weights file ------------------------------------------------------------------
@@ -268,6 +397,11 @@ class AdapterRegistry:
         at the destination). The version is re-read from the registry under its own tenant."""
         current = self.get(version.tenant, version.brand, version.version)
         label = f"{current.name} v{current.version}"
+        if current.tags.get(WEIGHTS_DELETED_TAG):
+            raise AdapterNotFound(
+                f"adapter {current.brand!r} version {current.version} was archived and its "
+                "weights deleted"
+            )
         if not current.sha256:
             raise AdapterCorrupt(f"{label} has no sha256 tag; register it again")
         if current.sha256 != version.sha256:

@@ -539,6 +539,15 @@ class Settings(BaseSettings):
         "(brand:version) they used.",
     )
 
+    # --- adapter version housekeeping (archive, retention of archived weights) -----------------
+    adapter_archive_retention_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="Archived adapter versions (DELETE /v1/adapters/{brand}/versions/{v}) keep "
+        "their weights in the object store this many days; `brandfarm adapters expire-archived` "
+        "deletes them after that (the version and its lineage stay). Unset: kept forever.",
+    )
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

@@ -261,10 +261,15 @@ def create_api(services: ApiServices) -> FastAPI:
         return services.jobs.cancel(tenant, job_id)
 
     @app.get("/v1/adapters", responses=documented(503))
-    async def list_adapters(tenant: Tenant) -> dict:
-        return await services.adapters.list(tenant)
+    async def list_adapters(
+        tenant: Tenant,
+        include_archived: Annotated[
+            bool, Query(description="Also list archived versions (hidden by default).")
+        ] = False,
+    ) -> dict:
+        return await services.adapters.list(tenant, include_archived)
 
-    @app.post("/v1/adapters/{brand}/aliases/{alias}", responses=documented(404, 503))
+    @app.post("/v1/adapters/{brand}/aliases/{alias}", responses=documented(404, 409, 503))
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
@@ -278,4 +283,7 @@ def create_api(services: ApiServices) -> FastAPI:
         from serve.renders_api import router as renders_router  # it imports this module
 
         app.include_router(renders_router)
+    from serve.adapter_versions_api import adapter_versions_router  # imports this module
+
+    app.include_router(adapter_versions_router(services.adapters))
     return app
