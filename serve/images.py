@@ -14,12 +14,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 from registry.adapter_refs import AdapterRef
 from registry.adapters import AdapterNotFound, RegistryError
 from registry.storage import ObjectStore, StorageError, render_key
-from registry.tenants import TenantDirectory
+from registry.tenants import RenderOrigin, TenantDirectory
 from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, StorageUnavailable, registry_unavailable
 from serve.io_pools import BlockingPool, IOPools
@@ -156,13 +157,26 @@ class ImageService:
             raise e.as_api_error() from None
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
-        job = self.limits.check(req)
+        return await self.render(tenant_id, req, self.limits.check(req))
+
+    async def render(
+        self,
+        tenant_id: str,
+        req: ImageGenerationRequest,
+        job: RenderJob,
+        origin: RenderOrigin | None = None,
+        adapter: AdapterSpec | None = None,
+    ) -> ImagesResponse:
+        """Admit, render, store, record and answer a checked job (`req` names its adapter and
+        response format; `adapter`, when given, is used as already resolved). `origin` records
+        the stored render an operation started from."""
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
         # queue more than its share of lookups on the registry's pool.
         async with self._slot(tenant_id, len(job.seeds)):
-            adapter = await self._resolve(tenant_id, req)
+            if adapter is None:
+                adapter = await self._resolve(tenant_id, req)
             job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
             render_id = secrets.token_hex(12)
@@ -172,7 +186,11 @@ class ImageService:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
             await self.pools.db.run(
-                self.tenants.record_render, render_id, tenant_id, len(images), self.limits.model.id
+                partial(self.tenants.record_render, origin=origin),
+                render_id,
+                tenant_id,
+                len(images),
+                self.limits.model.id,
             )
             if self.tenant_limits is not None:
                 self.tenant_limits.stored(tenant_id, sum(len(im.png) for im in images))
@@ -193,4 +211,5 @@ class ImageService:
             model=self.limits.model.id,
             data=data,
             adapter=adapter.describe() if adapter else None,
+            origin=origin,
         )

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from registry.adapter_refs import AdapterRef
 from registry.base_models import BaseModelInfo
 from registry.settings import Settings
+from registry.tenants import RenderOrigin
 from serve.errors import InvalidField
 
 MAX_SEED = 2**32 - 1
@@ -288,12 +289,16 @@ class ImagesResponse:
     model: str
     data: list[ImageData] = field(default_factory=list)
     adapter: dict | None = None  # `AdapterSpec.describe()` of the version used, or None
+    origin: RenderOrigin | None = None  # the stored render an operation started from
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "id": self.id,
             "created": self.created,
             "model": self.model,
             "adapter": self.adapter,
             "data": [d.to_dict() for d in self.data],
         }
+        if self.origin is not None:
+            d.update(self.origin.describe())
+        return d
