@@ -7,7 +7,7 @@ deployment and, for tests or a Ray-less box, under plain uvicorn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -26,6 +26,9 @@ from serve.images import ImageService
 from serve.io_pools import BlockingPool
 from serve.jobs import FineTuneJobRequest, JobService
 from serve.protocol import ImageGenerationRequest, Text
+
+if TYPE_CHECKING:
+    from serve.edits import EditService
 
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
@@ -65,6 +68,7 @@ class ApiServices:
     max_request_bytes: int
     max_upload_bytes: int  # body limit of POST /v1/files (dataset limit + multipart overhead)
     db_pool: BlockingPool | None = None  # API-key checks; default: a small pool of its own
+    edits: EditService | None = None  # edits, variations, render operations, interpolations
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -155,7 +159,7 @@ def create_api(services: ApiServices) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=services.max_request_bytes,
-        per_path={"/v1/files": services.max_upload_bytes},
+        per_path={"/v1/files": services.max_upload_bytes, **_edit_upload_limits(services)},
     )
     app.add_middleware(RequestIds)  # added last: outermost, so every answer carries the id
     _without_422(app)
@@ -255,4 +259,14 @@ def create_api(services: ApiServices) -> FastAPI:
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
+    if services.edits is not None:
+        from serve.edits_api import edits_router  # it imports this module's dependencies
+
+        app.include_router(edits_router(services.edits))
     return app
+
+
+def _edit_upload_limits(services: ApiServices) -> dict[str, int]:
+    from serve.edits_api import UPLOAD_PATHS
+
+    return {path: services.edits.body_limit for path in UPLOAD_PATHS} if services.edits else {}

@@ -21,6 +21,8 @@ from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 from serve.adapters import AdapterService
 from serve.api import ApiServices
+from serve.canvas import UploadLimits
+from serve.edits import EditService
 from serve.files import FileService
 from serve.images import ImageService, Renderer, RenderObserver
 from serve.io_pools import IOPools
@@ -81,6 +83,12 @@ def build_services(
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
         db_pool=pools.db,
+        edits=EditService(
+            images,
+            store,
+            tenants,
+            UploadLimits(settings.edit_max_image_bytes, settings.edit_max_image_pixels),
+        ),
     )
 
 
