@@ -11,7 +11,6 @@ import base64
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
