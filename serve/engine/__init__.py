@@ -27,7 +27,7 @@ from serve.adapter_cache import AdapterWeights
 from serve.engine import denoise
 from serve.engine.adapters import BASE, AdapterSlots
 from serve.engine.scheduler import BatchScheduler, Row
-from serve.engine.sources import edit_metadata
+from serve.engine.sources import edit_metadata, overlay
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob
 
 __all__ = ["DiffusionEngine", "RenderDeadlineExceeded", "encode_png"]
@@ -412,6 +412,8 @@ class DiffusionEngine:
             return
         try:
             image = denoise.decode(self.pipeline, row.state)
+            if row.state.keep is not None:  # inpainting: the source's pixels outside the mask
+                image = overlay(self.pipeline, row.state.keep, image)
             request.images[row.index] = self._rendered(request.job, row.index, image)
         except Exception as e:  # noqa: BLE001 - fails this request only
             self._fail(request, e)

@@ -27,6 +27,8 @@ class SourceLatents:
     latents: Any  # the source image's latents, (1, C, h, w)
     noise: Any  # the row's initial noise: what add_noise mixes into the source
     mask: Any  # (1, 1, h, w), 1 = repaint, 0 = keep
+    image: Any = None  # the source (PIL, the row's size): pasted back outside the mask
+    pixel_mask: Any = None  # the mask (PIL L, 255 = repaint)
 
 
 def slerp(a, b, t: float):  # noqa: ANN001, ANN201 - torch tensors
@@ -88,9 +90,8 @@ def encode_image(pipeline, png: bytes, generator, latent_hw: tuple[int, int]):  
     diffusers' img2img does), resized to the row's latent size when it differs (upscale: the
     latents, not the pixels, are enlarged, and the refining pass fills in the detail)."""
     import torch.nn.functional as F
-    from PIL import Image
 
-    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = _image(png, "RGB")
     vae = pipeline.vae
     pixels = pipeline.image_processor.preprocess(image).to(pipeline._execution_device, vae.dtype)
     latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
@@ -105,9 +106,8 @@ def latent_mask(png: bytes, latent_hw: tuple[int, int], device: str, dtype):  # 
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from PIL import Image
 
-    mask = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32) / 255.0
+    mask = np.asarray(_image(png, "L"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
     cells = F.adaptive_max_pool2d(tensor, latent_hw)
     return cells.to(device=device, dtype=dtype)
@@ -136,10 +136,25 @@ def start_latents(
     keep = None
     if mask_png is not None:
         mask = latent_mask(mask_png, latent_hw, source.device, source.dtype)
-        keep = SourceLatents(source, initial_noise, mask)
+        keep = SourceLatents(source, initial_noise, mask, _image(png, "RGB"), _image(mask_png, "L"))
         if not len(timesteps):
             latents = source
     return timesteps, latents, keep
+
+
+def _image(png: bytes, mode: str):  # noqa: ANN202 - a PIL image
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert(mode)
+
+
+def overlay(pipeline, keep: SourceLatents, image):  # noqa: ANN001, ANN201 - PIL in and out
+    """The decoded inpainting with the source's own pixels outside the mask (diffusers'
+    `apply_overlay`): the VAE decoder mixes every latent into every pixel (its mid-block
+    attends globally), so latents kept outside the mask decode a few levels off the source."""
+    if keep.image is None or keep.image.size != image.size:
+        return image
+    return pipeline.image_processor.apply_overlay(keep.pixel_mask, keep.image, image)
 
 
 def keep_unmasked(keep: SourceLatents, scheduler, latents, next_timestep):  # noqa: ANN001, ANN201
