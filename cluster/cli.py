@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cluster import edit_cli
 from cluster.processes import StackError
 from cluster.stack import LocalStack
 from cluster.tenant_cli import adapters_app, finetune_app
@@ -30,6 +31,7 @@ renders_app = typer.Typer(help="Stored renders.", no_args_is_help=True)
 app.add_typer(renders_app, name="renders")
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
+edit_cli.register(app)
 console = Console()
 err = Console(stderr=True)
 
