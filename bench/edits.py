@@ -74,14 +74,7 @@ def main() -> None:
         ),
         "upscale 32->64 strength 0.35, 1 image": timed(
             engine,
-            RenderJob(
-                **{
-                    **plain.__dict__,
-                    "width": 64,
-                    "height": 64,
-                    "source": SourceImage(src, None, 0.35),
-                }
-            ),
+            replace(plain, width=64, height=64, source=SourceImage(src, None, 0.35)),
         ),
         "interpolation, 8 frames": timed(engine, replace(plain, seeds=(1,) * frames, mixes=mixes)),
     }
