@@ -3,7 +3,8 @@
 Loads the built-in model into one engine (as a replica does), renders once to warm up, and
 records the process's RSS; then runs one of each edit (inpainting, img2img, 2x upscale, an
 8-frame interpolation) and records the RSS again: edits reuse the pipeline's own components,
-so the RSS must not grow by anything near the weights' size (printed too). Run from the repo
+so neither the live torch parameters nor the RSS may grow by a copy of the weights (both
+printed, the RSS after warm-up renders of the same shapes). Run from the repo
 root (about a minute on an idle 2-core CPU):
 
     python bench/edits.py
@@ -37,6 +38,21 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def parameter_bytes() -> int:
+    """Bytes of every live torch Parameter in the process: a second copy of the model (a second
+    pipeline, an inpainting UNet) would add its weights here."""
+    import gc
+
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter) and id(obj) not in seen:
+            seen.add(id(obj))
+            total += obj.numel() * obj.element_size()
+    return total
+
+
 def timed(engine: DiffusionEngine, job: RenderJob) -> float:
     started = time.perf_counter()
     engine.generate(job)
@@ -59,9 +75,12 @@ def main() -> None:
     src, msk = canvas.png_bytes(source), canvas.png_bytes(mask)
     prompt = "a green square on a blue background"
     plain = RenderJob(prompt, None, 32, 32, 20, 4.0, (1,))
-    engine.generate(plain)  # warm-up
-    before = rss_mib()
     frames = 8
+    # Warm-up: plain renders of every shape the edits below use (1 image at 32 and 64 pixels,
+    # 8 images at 32), so that the allocator's caches for those activations already exist.
+    for warm in (plain, replace(plain, width=64, height=64), replace(plain, seeds=tuple(range(8)))):
+        engine.generate(warm)
+    before, params_before = rss_mib(), parameter_bytes()
     mixes = tuple(
         RowMix(((prompt, 1 - i / 7), ("a red circle on a yellow background", i / 7)), 9, i / 7)
         for i in range(frames)
@@ -78,9 +97,13 @@ def main() -> None:
         ),
         "interpolation, 8 frames": timed(engine, replace(plain, seeds=(1,) * frames, mixes=mixes)),
     }
-    after = rss_mib()
+    after, params_after = rss_mib(), parameter_bytes()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"weights (UNet + VAE + text encoder): {weights / 2**20:.1f} MiB")
+    print(
+        f"live torch parameters: {params_before / 2**20:.1f} MiB before the edits, "
+        f"{params_after / 2**20:.1f} MiB after"
+    )
     print(
         f"RSS after warm-up render: {before:.1f} MiB; after the edits: {after:.1f} MiB "
         f"(+{after - before:.1f}); peak {peak:.1f} MiB"
