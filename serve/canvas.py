@@ -11,6 +11,7 @@ mask grayscale with 255 where to repaint.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -63,17 +64,20 @@ def decode_upload(field: str, data: bytes, limits: UploadLimits) -> Image.Image:
                     f"{limits.max_pixels} pixels (edit_max_image_pixels)",
                 )
             image.load()
+            image = ImageOps.exif_transpose(image)
+            # Modes PIL cannot turn into RGB (or alpha) are refused here, not at render time.
+            image.convert("RGBA")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidField(
             field,
             f"{field} is a decompression bomb (over PIL's limit of {Image.MAX_IMAGE_PIXELS} "
             f"pixels): {e}",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as e:
         raise InvalidField(
             field, f"{field} could not be decoded as a PNG, JPEG or WebP image ({e})"
         ) from None
-    return ImageOps.exif_transpose(image)
+    return image
 
 
 def _has_alpha(image: Image.Image) -> bool:
