@@ -289,7 +289,8 @@ class Ingress:
         # Job records follow their Ray jobs (the outbox gets submitted) and old renders expire,
         # from this replica on; both are idempotent across ingress replicas.
         self._background = start_background_work(settings, services)
-        self._api = create_api(services)
+        self._api = create_api(services
+        )
 
     def __serve_build_asgi_app__(self):
         return self._api
