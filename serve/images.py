@@ -165,18 +165,15 @@ class ImageService:
         req: ImageGenerationRequest,
         job: RenderJob,
         origin: RenderOrigin | None = None,
-        adapter: AdapterSpec | None = None,
     ) -> ImagesResponse:
         """Admit, render, store, record and answer a checked job (`req` names its adapter and
-        response format; `adapter`, when given, is used as already resolved). `origin` records
-        the stored render an operation started from."""
+        response format). `origin` records the stored render an operation started from."""
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
         # queue more than its share of lookups on the registry's pool.
         async with self._slot(tenant_id, len(job.seeds)):
-            if adapter is None:
-                adapter = await self._resolve(tenant_id, req)
+            adapter = await self._resolve(tenant_id, req)
             job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
             render_id = secrets.token_hex(12)
