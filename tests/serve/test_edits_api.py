@@ -309,3 +309,46 @@ def test_operations_record_their_source_and_another_tenants_render_is_404(shapes
     assert index.status_code == 400 and index.json()["error"]["param"] == "index"
     assert wrong_field.status_code == 400 and wrong_field.json()["error"]["param"] == "direction"
     assert RenderRow.__table__.c.operation.nullable
+
+
+def test_interpolation_and_blend_through_the_api(shapes):
+    services = shapes.services()
+    key = services.tenants.create_tenant("latent-co").key
+
+    async def go():
+        async with client(services, key) as c:
+            frames = await c.post(
+                "/v1/images/interpolations",
+                json={
+                    "from": {"prompt": "a red circle on a blue background", "seed": 1},
+                    "to": {"prompt": "a yellow square on a green background", "seed": 2},
+                    "frames": 3,
+                    "steps": 8,
+                    "response_format": "b64_json",
+                },
+            )
+            blend = await c.post(
+                "/v1/images/blends",
+                json={
+                    "prompts": [
+                        {"prompt": "a red circle on a blue background", "weight": 3},
+                        {"prompt": "a red circle on a green background", "weight": 1},
+                    ],
+                    "seed": 4,
+                    "steps": 8,
+                    "response_format": "b64_json",
+                },
+            )
+            return frames, blend
+
+    frames, blend = run(go())
+    assert frames.status_code == 200, frames.text
+    images = [
+        Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in frames.json()["data"]
+    ]
+    assert [im.text["noise_t"] for im in images] == ["0.0", "0.5", "1.0"]
+    assert all(im.text["noise_seed"] == "2" and im.text["seed"] == "1" for im in images)
+    assert blend.status_code == 200, blend.text
+    mixed = Image.open(io.BytesIO(base64.b64decode(blend.json()["data"][0]["b64_json"])))
+    assert mixed.text["prompt_mix"].startswith("0.75*a red circle on a blue background")
+    assert services.tenants.images_in_last_hour("latent-co") == 4  # 3 frames + 1 blend
