@@ -85,3 +85,27 @@ def test_strength_zero_leaves_without_a_step(parts):
     out = engine.generate(job)
     assert engine.stats.steps == steps and len(out) == 2
     assert Image.open(io.BytesIO(out[0].png)).text["strength"] == "0.0"
+
+
+def parameter_bytes() -> int:
+    """Bytes of every live torch Parameter in the process (a second pipeline or an inpainting
+    UNet would add its weights here)."""
+    import gc
+
+    import torch
+
+    params = {id(o): o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def test_edits_load_no_second_copy_of_the_weights(parts):
+    engine, _, _ = parts
+    components = {
+        name: id(getattr(engine.pipeline, name)) for name in ("unet", "vae", "text_encoder")
+    }
+    before = parameter_bytes()
+    engine.generate(RenderJob(PROMPT, None, 32, 32, 3, 4.0, (1, 2), source=source()))
+    # An upscale: the 32x32 source's latents enlarged for a 64x64 row.
+    engine.generate(RenderJob(PROMPT, None, 64, 64, 3, 4.0, (3,), source=SourceImage(source().png)))
+    assert parameter_bytes() == before
+    assert {name: id(getattr(engine.pipeline, name)) for name in components} == components
