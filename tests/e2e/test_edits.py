@@ -37,8 +37,8 @@ def key(farm) -> str:
 
 
 def test_the_first_edit_does_not_load_a_second_model_into_the_replica(farm, key):
-    """The replica's RSS before and after its first edits (inpainting, img2img, upscale) after
-    a plain render of the same sizes: edits use the pipeline already loaded."""
+    """The replica's RSS before its first edits (inpainting, img2img, upscale) and after two
+    rounds of them, after plain renders of the same sizes: edits use the pipeline loaded."""
     side = farm.model.native_size
     proc = psutil.Process(replica_pid(farm))
     source = Image.new("RGB", (side, side), world.PALETTE["blue"])
@@ -50,24 +50,31 @@ def test_the_first_edit_does_not_load_a_second_model_into_the_replica(farm, key)
             for n in (side, 2 * side)
         ]
         assert [m.status_code for m in made] == [200, 200], made[0].text
-        before = proc.memory_info().rss
-        edit = http.post(
-            "/images/edits",
-            files={"image": ("a.png", png(source)), "mask": ("m.png", png(mask))},
-            data={"prompt": "a green square on a blue background"},
-        )
-        assert edit.status_code == 200, edit.text
-        vary = http.post("/images/variations", files={"image": ("a.png", png(source))})
-        assert vary.status_code == 200, vary.text
-        up = http.post(f"/renders/{made[0].json()['id']}/images/0/upscale", json={})
-        assert up.status_code == 200, up.text
-        after = proc.memory_info().rss
-    growth = (after - before) / 2**20
-    print(f"replica RSS before the first edit {before / 2**20:.1f} MiB, after {after / 2**20:.1f}")
-    # Recorded in docs/benchmarks.md. The built-in model's weights are only 9 MiB, within the
-    # allocator's noise: that no second copy exists is asserted on the engine's live parameters
-    # (tests/serve/test_edit_batching.py); this bound catches any real model's copy.
-    assert growth < 32, f"RSS grew {growth:.1f} MiB"
+        first_id = made[0].json()["id"]
+
+        def edits() -> None:
+            edit = http.post(
+                "/images/edits",
+                files={"image": ("a.png", png(source)), "mask": ("m.png", png(mask))},
+                data={"prompt": "a green square on a blue background"},
+            )
+            assert edit.status_code == 200, edit.text
+            vary = http.post("/images/variations", files={"image": ("a.png", png(source))})
+            assert vary.status_code == 200, vary.text
+            up = http.post(f"/renders/{first_id}/images/0/upscale", json={})
+            assert up.status_code == 200, up.text
+
+        rss = [proc.memory_info().rss / 2**20]
+        for _ in range(2):
+            edits()
+            rss.append(proc.memory_info().rss / 2**20)
+    print(f"replica RSS (MiB): before the first edits, after them, after a second round: {rss}")
+    # Recorded in docs/benchmarks.md. The replica's RSS moves by tens of MiB between requests
+    # on its own (allocator arenas grow and are trimmed: it fell 21 MiB over one round here),
+    # more than the built-in model's 9 MiB of weights; that edits add no copy of the weights is
+    # asserted on the engine's live parameters (tests/serve/test_edit_batching.py). This bound
+    # catches a leak per edit or a copy of any real model (gigabytes).
+    assert max(rss) - rss[0] < 100, rss
 
 
 def test_openai_client_edit_repaints_the_masked_center(farm, key):
