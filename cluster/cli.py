@@ -10,7 +10,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from cluster import adapter_cli  # noqa: F401 - registers `adapters archive/expire-archived`
+from cluster import (
+    adapter_cli,  # noqa: F401 - registers `adapters archive/expire-archived`
+    edit_cli,
+)
 from cluster.policy_cli import policy_app
 from cluster.processes import StackError
 from cluster.render_cli import register as register_render_commands
@@ -40,6 +43,7 @@ register_render_commands(app, renders_app)
 base_model_app = typer.Typer(help="The built-in base model.", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
 app.command("verify")(verify)
+edit_cli.register(app)
 console = Console()
 err = Console(stderr=True)
 

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from registry.sql_base import Base, utcnow
-from registry.tenants import RenderRow, TenantRow
+from registry.tenants import RenderOrigin, RenderRow, TenantRow
 
 QUOTA_WINDOW = dt.timedelta(hours=1)
 
@@ -220,9 +220,17 @@ class RenderLimiter:
             held = QuotaReservationRow.id == admission.reservation_id
             s.execute(delete(QuotaReservationRow).where(held))
 
-    def commit(self, admission: Admission, render_id: str, images: int, base_model: str) -> None:
+    def commit(
+        self,
+        admission: Admission,
+        render_id: str,
+        images: int,
+        base_model: str,
+        origin: RenderOrigin | None = None,
+    ) -> None:
         """The render succeeded: its slot and reservation become one usage row (`images`
-        images), in one transaction, so usage is counted exactly once."""
+        images; `origin`: the stored render an edit started from), in one transaction, so usage
+        is counted exactly once."""
         with self._writing() as s:
             self._drop(s, admission)
             s.add(
@@ -232,6 +240,7 @@ class RenderLimiter:
                     images=images,
                     base_model=base_model,
                     created_at=self.clock(),
+                    **(origin.describe() if origin else {}),
                 )
             )
         admission.ended = True

@@ -548,6 +548,21 @@ class Settings(BaseSettings):
         "deletes them after that (the version and its lineage stay). Unset: kept forever.",
     )
 
+    # --- image edits (edits, variations, operations on stored renders, interpolations) -------
+    edit_max_image_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest image or mask an edit may upload, in bytes (OpenAI's is 4 MB).",
+    )
+    edit_max_image_pixels: int = Field(
+        4 * 1024 * 1024,
+        ge=64,
+        le=64 * 1024 * 1024,
+        description="Largest image or mask an edit may upload, in pixels (width x height), "
+        "checked on the header before decoding (a decompression bomb is refused unread).",
+    )
+
     @model_validator(mode="after")
     def _external_s3_needs_credentials(self) -> Settings:
         if self.s3_endpoint and (self.s3_access_key is None or self.s3_secret_key is None):

@@ -74,6 +74,35 @@ class RenderRow(Base):
     base_model: Mapped[str] = mapped_column(String(255))
     # When the retention sweep deleted the render's objects; the row stays as usage record.
     expired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set when the render is an operation on a stored render (vary, upscale, ...): its source.
+    source_render: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    source_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    operation: Mapped[str | None] = mapped_column(String(20), nullable=True)
+
+
+@dataclass(frozen=True)
+class RenderOrigin:
+    """Where a derived render came from: an image of a stored render and the operation."""
+
+    source_render: str
+    source_index: int
+    operation: str
+
+    def describe(self) -> dict:
+        return {
+            "source_render": self.source_render,
+            "source_index": self.source_index,
+            "operation": self.operation,
+        }
+
+
+@dataclass(frozen=True)
+class StoredRender:
+    """A tenant's render as recorded: what an operation on it needs to know."""
+
+    id: str
+    images: int
+    expired: bool
 
 
 @dataclass(frozen=True)
@@ -244,11 +273,42 @@ class TenantDirectory:
             )
             return int(n or 0)
 
-    def record_render(self, render_id: str, tenant_id: str, images: int, base_model: str) -> None:
+    def record_render(
+        self,
+        render_id: str,
+        tenant_id: str,
+        images: int,
+        base_model: str,
+        origin: RenderOrigin | None = None,
+    ) -> None:
         with Session(self.engine) as s, s.begin():
             s.add(
-                RenderRow(id=render_id, tenant_id=tenant_id, images=images, base_model=base_model)
+                RenderRow(
+                    id=render_id,
+                    tenant_id=tenant_id,
+                    images=images,
+                    base_model=base_model,
+                    **(origin.describe() if origin else {}),
+                )
             )
+
+    def get_render(self, tenant_id: str, render_id: str) -> StoredRender | None:
+        """The tenant's own render; None for a missing id and for another tenant's alike."""
+        with Session(self.engine) as s:
+            row = s.scalar(
+                select(RenderRow).where(RenderRow.id == render_id, RenderRow.tenant_id == tenant_id)
+            )
+            if row is None:
+                return None
+            return StoredRender(row.id, row.images, row.expired_at is not None)
+
+    def render_origin(self, render_id: str) -> RenderOrigin | None:
+        """What a render was derived from, as recorded (None for a plain generation)."""
+        with Session(self.engine) as s:
+            row = s.get(RenderRow, render_id)
+            if row is None or row.operation is None:
+                return None
+            return RenderOrigin(row.source_render, row.source_index, row.operation)
 
     def count_renders(self, tenant_id: str | None = None) -> int:
         with Session(self.engine) as s:

@@ -32,6 +32,9 @@ from serve.webhooks import WebhookService
 if TYPE_CHECKING:
     from serve.render_queue import RenderService
 
+if TYPE_CHECKING:
+    from serve.edits import EditService
+
 #: Largest event id a client may page after (SQL BIGINT); beyond it is a 400, not a DB error.
 MAX_EVENT_ID = 2**63 - 1
 
@@ -73,6 +76,7 @@ class ApiServices:
     moderation: ModerationService | None = None  # content policy routes (none: no routes)
     webhooks: WebhookService | None = None  # the /v1/webhooks routes (serve.webhooks_api)
     renders: RenderService | None = None  # async renders (/v1/renders), where the farm has them
+    edits: EditService | None = None  # edits, variations, render operations, interpolations
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -168,6 +172,7 @@ def create_api(services: ApiServices) -> FastAPI:
         per_path={
             "/v1/files": services.max_upload_bytes,
             provenance_api.VERIFY_PATH: services.max_upload_bytes,
+            **_edit_upload_limits(services),
         },
     )
     app.add_middleware(RequestIds)  # added last: outermost, so every answer carries the id
@@ -286,4 +291,14 @@ def create_api(services: ApiServices) -> FastAPI:
     from serve.adapter_versions_api import adapter_versions_router  # imports this module
 
     app.include_router(adapter_versions_router(services.adapters))
+    if services.edits is not None:
+        from serve.edits_api import edits_router  # it imports this module's dependencies
+
+        app.include_router(edits_router(services.edits))
     return app
+
+
+def _edit_upload_limits(services: ApiServices) -> dict[str, int]:
+    from serve.edits_api import UPLOAD_PATHS
+
+    return {path: services.edits.body_limit for path in UPLOAD_PATHS} if services.edits else {}

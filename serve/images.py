@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,7 +23,7 @@ from registry.adapter_refs import AdapterRef
 from registry.adapters import AdapterNotFound, RegistryError
 from registry.render_limits import Admission, AdmissionRefused, RenderLimiter
 from registry.storage import ObjectStore, StorageError, render_key
-from registry.tenants import TenantDirectory
+from registry.tenants import RenderOrigin, TenantDirectory
 from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, StorageUnavailable, registry_unavailable
 from serve.io_pools import BlockingPool, IOPools
@@ -234,20 +235,38 @@ class ImageService:
             log.error("render with adapter %s failed: %s", job.adapter, e)
             raise e.as_api_error() from None
 
-    async def _moderate(self, tenant_id: str, req: ImageGenerationRequest) -> None:
-        """The content policy on the request's texts (400; a refusal leaves only its audit
-        event)."""
-        if self.moderation is not None:
-            await self.moderation.check(
-                tenant_id,
-                "generation",
-                {"prompt": req.prompt, "negative_prompt": req.negative_prompt},
-                req.moderation,
-            )
+    async def _moderate(
+        self, tenant_id: str, req: ImageGenerationRequest, job: RenderJob | None = None
+    ) -> None:
+        """The content policy on every text the render uses: the prompt, the negative prompt,
+        and a blend's or interpolation's prompts (400; a refusal leaves only its audit event)."""
+        if self.moderation is None:
+            return
+        texts = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
+        mixed = dict.fromkeys(
+            p for mix in ((job.mixes or ()) if job else ()) for p, _ in mix.prompts
+        )
+        texts.update({f"prompts[{i}]": p for i, p in enumerate(mixed)})
+        source = "edit" if job is not None and (job.source or job.origin or job.mixes) else None
+        await self.moderation.check(
+            tenant_id, source or "generation", texts, getattr(req, "moderation", None)
+        )
 
     async def generate(self, tenant_id: str, req: ImageGenerationRequest) -> ImagesResponse:
         job = self.limits.check(req)
-        await self._moderate(tenant_id, req)
+        return await self.render(tenant_id, req, job)
+
+    async def render(
+        self,
+        tenant_id: str,
+        req: ImageGenerationRequest,
+        job: RenderJob,
+        origin: RenderOrigin | None = None,
+    ) -> ImagesResponse:
+        """Admit, render, store, record and answer a checked job (`req` names its adapter and
+        response format). `origin` records the stored render an operation started from; an
+        edit's source image becomes the C2PA manifest's ingredient."""
+        await self._moderate(tenant_id, req, job)
         if self.tenant_limits is not None:  # the storage cap (403) before any work
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
@@ -261,7 +280,12 @@ class ImageService:
                 images, near = await self.near_duplicates.check(tenant_id, adapter, images)
             render_id = secrets.token_hex(12)
             outputs = await self.encode_outputs(
-                tenant_id, render_id, images, req.output_format, req.output_compression
+                tenant_id,
+                render_id,
+                images,
+                req.output_format,
+                req.output_compression,
+                source=job.source.png if job.source is not None else None,
             )
             try:
                 keys = await self.pools.storage.run(self._store_all, tenant_id, render_id, outputs)
@@ -269,7 +293,11 @@ class ImageService:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
             await self.pools.db.run(
-                self.limiter.commit, admission, render_id, len(images), self.limits.model.id
+                partial(self.limiter.commit, origin=origin),
+                admission,
+                render_id,
+                len(images),
+                self.limits.model.id,
             )
             if self.tenant_limits is not None:
                 self.tenant_limits.stored(tenant_id, sum(len(o.data) for o in outputs))
@@ -295,6 +323,7 @@ class ImageService:
             data=data,
             adapter=adapter.describe() if adapter else None,
             output_format=req.output_format,
+            origin=origin,
         )
 
     # --- shared with the render queue (serve.render_queue) --------------------------------------

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from registry.adapter_refs import AdapterRef
 from registry.base_models import BaseModelInfo
 from registry.settings import Settings
+from registry.tenants import RenderOrigin
 from serve.errors import InvalidField
 
 MAX_SEED = 2**32 - 1
@@ -116,6 +117,30 @@ def adapter_model_id(tenant: str, brand: str, version: int) -> str:
 
 
 @dataclass(frozen=True)
+class SourceImage:
+    """What an edit starts from. `png` is the source image at any size (the engine encodes it
+    with the pipeline's VAE and resizes its latents to the job's size: upscaling); `mask`, at
+    the job's size, is 255 where to repaint (grayscale PNG); `strength` (0..1) is how much of
+    the schedule runs (0 returns the source, 1 starts from noise)."""
+
+    png: bytes
+    mask: bytes | None = None
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class RowMix:
+    """One image's start besides its seed: the text embeddings of weighted `prompts`, mixed
+    linearly, and the initial noise slerped from its seed's toward `noise_seed`'s by `noise_t`.
+    `adapter_scale` overrides the job's for this image (an interpolation toward an adapter)."""
+
+    prompts: tuple[tuple[str, float], ...] = ()
+    noise_seed: int | None = None
+    noise_t: float = 0.0
+    adapter_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class RenderJob:
     """One validated render, as the engine receives it. Image i is rendered from seeds[i]."""
 
@@ -127,6 +152,10 @@ class RenderJob:
     guidance_scale: float
     seeds: tuple[int, ...]
     adapter: AdapterSpec | None = None
+    source: SourceImage | None = None  # an edit: start from this image (and mask)
+    mixes: tuple[RowMix, ...] | None = None  # per image: mixed prompts, interpolated noise
+    #: Recorded in each PNG's metadata: where the render came from (source_render, ...).
+    origin: tuple[tuple[str, str | int | float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,9 +315,10 @@ class ImagesResponse:
     data: list[ImageData] = field(default_factory=list)
     adapter: dict | None = None  # `AdapterSpec.describe()` of the version used, or None
     output_format: str = "png"
+    origin: RenderOrigin | None = None  # the stored render an operation started from
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "id": self.id,
             "created": self.created,
             "model": self.model,
@@ -296,3 +326,6 @@ class ImagesResponse:
             "output_format": self.output_format,
             "data": [d.to_dict() for d in self.data],
         }
+        if self.origin is not None:
+            d.update(self.origin.describe())
+        return d

@@ -26,6 +26,8 @@ from registry.tenants import TenantDirectory
 from registry.webhooks import WebhookStore
 from serve.adapters import AdapterService
 from serve.api import ApiServices
+from serve.canvas import UploadLimits
+from serve.edits import EditService
 from serve.files import FileService
 from serve.images import ImageService, Renderer, RenderObserver
 from serve.io_pools import IOPools
@@ -125,6 +127,12 @@ def build_services(
         moderation=moderation,
         webhooks=WebhookService(webhooks, settings),
         renders=renders,
+        edits=EditService(
+            images,
+            store,
+            tenants,
+            UploadLimits(settings.edit_max_image_bytes, settings.edit_max_image_pixels),
+        ),
     )
 
 

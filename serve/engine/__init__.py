@@ -24,6 +24,7 @@ from serve.adapter_cache import AdapterWeights
 from serve.engine import denoise
 from serve.engine.adapters import BASE, AdapterSlots
 from serve.engine.scheduler import BatchScheduler, Row
+from serve.engine.sources import edit_metadata, overlay
 from serve.image_formats import encode_image
 from serve.protocol import AdapterSpec, RenderedImage, RenderJob
 
@@ -352,6 +353,10 @@ class DiffusionEngine:
 
     def _row_state(self, job: RenderJob, index: int) -> denoise.RowState:
         spec = job.adapter
+        mix = job.mixes[index] if job.mixes else None
+        scale = spec.scale if spec else 0.0
+        if spec and mix is not None and mix.adapter_scale is not None:
+            scale = mix.adapter_scale
         return denoise.start_row(
             self.pipeline,
             self.slots.router,
@@ -363,26 +368,32 @@ class DiffusionEngine:
             guidance_scale=job.guidance_scale,
             seed=job.seeds[index],
             slot=self.slots.slot_name(spec.model_id) if spec else BASE,
-            scale=spec.scale if spec else 0.0,
+            scale=scale,
+            source=job.source,
+            mix=mix,
         )
 
     def _step(self, batch: list[Row]) -> None:
+        # An edit at strength 0 has no step to run: it is done as soon as it starts.
+        stepping = [row for row in batch if not row.state.done]
         try:
-            denoise.step(
-                self.pipeline,
-                self.slots.router,
-                [row.state for row in batch],
-                self.invariant,
-            )
+            if stepping:
+                denoise.step(
+                    self.pipeline,
+                    self.slots.router,
+                    [row.state for row in stepping],
+                    self.invariant,
+                )
         except Exception as e:  # noqa: BLE001 - the whole batch failed: fail its requests
             for row in batch:
                 self._fail(row.request, e)
             done = batch
         else:
-            self.stats.record_step(len(batch))
-            if self._on_step is not None:
-                self._on_step(len(batch))
-            self._report_progress(batch)
+            if stepping:
+                self.stats.record_step(len(stepping))
+                if self._on_step is not None:
+                    self._on_step(len(stepping))
+                self._report_progress(stepping)
             done = [row for row in batch if row.state.done]
             for row in done:
                 self._finish(row)
@@ -411,6 +422,8 @@ class DiffusionEngine:
             return
         try:
             image = denoise.decode(self.pipeline, row.state)
+            if row.state.keep is not None:  # inpainting: the source's pixels outside the mask
+                image = overlay(self.pipeline, row.state.keep, image)
             request.images[row.index] = self._rendered(request.job, row.index, image)
         except Exception as e:  # noqa: BLE001 - fails this request only
             self._fail(request, e)
@@ -446,4 +459,5 @@ class DiffusionEngine:
             "adapter": f"{spec.brand}:{spec.version}" if spec else None,
             "adapter_scale": spec.scale if spec else None,
         }
+        meta.update(edit_metadata(job, index))
         return RenderedImage(png=encode_png(image, meta), seed=seed)

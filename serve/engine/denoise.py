@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve.engine import sources
 from serve.engine.adapters import BASE, LoraRouter
 from serve.engine.invariant import batch_invariant
 
@@ -34,6 +35,7 @@ class RowState:
     slot: str = BASE
     scale: float = 0.0
     index: int = 0  # the next timestep to run
+    keep: sources.SourceLatents | None = None  # inpainting: what to keep outside the mask
 
     @property
     def done(self) -> bool:
@@ -67,9 +69,13 @@ def start_row(
     seed: int,
     slot: str = BASE,
     scale: float = 0.0,
+    source=None,  # noqa: ANN001 - serve.protocol.SourceImage: an edit's image, mask, strength
+    mix=None,  # noqa: ANN001 - serve.protocol.RowMix: mixed prompts, interpolated noise
 ) -> RowState:
     """Encode the prompt, set the row's timesteps and draw its initial latents, in the order
-    and with the calls of `StableDiffusionPipeline.__call__`."""
+    and with the calls of `StableDiffusionPipeline.__call__`. An edit (`source`) starts from its
+    image's latents (`sources.start_latents`); a `mix` replaces the prompt's embeddings by a
+    weighted mix of prompts and slerps the initial noise toward another seed's."""
     import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         retrieve_timesteps,
@@ -79,10 +85,15 @@ def start_row(
     device = pipeline._execution_device
     cfg = guided(pipeline, guidance_scale)
     # The text encoder's LoRA layers (if the adapter has any) see this row's adapter.
-    with router.routing([slot], [scale]):
-        prompt_embeds, negative_embeds = pipeline.encode_prompt(
-            prompt, device, 1, cfg, negative_prompt
+    if mix is not None and mix.prompts:
+        prompt_embeds, negative_embeds = sources.mixed_embeddings(
+            pipeline, router, mix.prompts, negative_prompt, cfg, slot, scale
         )
+    else:
+        with router.routing([slot], [scale]):
+            prompt_embeds, negative_embeds = pipeline.encode_prompt(
+                prompt, device, 1, cfg, negative_prompt
+            )
     scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
     timesteps, _ = retrieve_timesteps(scheduler, steps, device)
     # A CPU generator gives the same initial noise on every device.
@@ -94,7 +105,16 @@ def start_row(
         width // pipeline.vae_scale_factor,
     )
     latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    if mix is not None and mix.noise_seed is not None:
+        other = sources.noise(shape, mix.noise_seed, device, prompt_embeds.dtype)
+        latents = sources.slerp(latents, other, mix.noise_t)
+    keep = None
+    if source is not None:
+        timesteps, latents, keep = sources.start_latents(
+            pipeline, scheduler, source.png, source.mask, source.strength, steps, latents, generator
+        )
+    else:
+        latents = latents * scheduler.init_noise_sigma
     return RowState(
         prompt_embeds=prompt_embeds,
         negative_embeds=negative_embeds if cfg else None,
@@ -106,6 +126,7 @@ def start_row(
         step_kwargs=pipeline.prepare_extra_step_kwargs(generator, 0.0),
         slot=slot,
         scale=scale,
+        keep=keep,
     )
 
 
@@ -165,6 +186,9 @@ def step(
         row.latents = row.scheduler.step(
             pred, t, row.latents, **row.step_kwargs, return_dict=False
         )[0]
+        if row.keep is not None:
+            following = row.timesteps[row.index + 1] if row.index + 1 < len(row.timesteps) else None
+            row.latents = sources.keep_unmasked(row.keep, row.scheduler, row.latents, following)
         row.index += 1
 
 
