@@ -169,7 +169,7 @@ def step(
         )
         names, scales = names * 2, scales * 2
     with (
-        router.routing(names, scales, full_rows=invariant),
+        router.routing(names, scales),
         batch_invariant() if invariant else nullcontext(),
     ):
         noise = pipeline.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0][

@@ -22,6 +22,7 @@ from registry.base_models import SHAPES, ensure_base_model
 from registry.storage import tenant_prefix
 from registry.tenants import RenderRow
 from serve.api import create_api
+from serve.provenance import verify_image
 from tests.serve.conftest import LocalParts, client
 
 EDITS, VARIATIONS = "/v1/images/edits", "/v1/images/variations"
@@ -299,6 +300,15 @@ def test_operations_record_their_source_and_another_tenants_render_is_404(shapes
         assert image.text["source_index"] == "1"
         origin = services.tenants.render_origin(body["id"])
         assert (origin.source_render, origin.source_index, origin.operation) == (render, 1, op)
+        # Signed like every output, as an edit of its source (C2PA ingredient).
+        report = verify_image(
+            base64.b64decode(body["data"][0]["b64_json"]), services.images.outputs.trust_anchors
+        )
+        assert report["valid"] and report["trusted"], (op, report["manifest"])
+        claims = report["manifest"]["claims"]
+        actions = [a["action"] for a in claims["assertions"]["c2pa.actions.v2"]["actions"]]
+        assert "c2pa.edited" in actions, (op, actions)
+        assert [i["relationship"] for i in claims["ingredients"]] == ["parentOf"], op
     # Another tenant's render answers exactly as a missing one.
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json()["error"]["code"] == missing.json()["error"]["code"] == "render_not_found"
