@@ -68,6 +68,11 @@ class ContentPolicy(BaseModel):
     moderation: Moderation = Field(
         "auto", description="`auto` (every rule) or `low` (sensitive_terms waived)."
     )
+    provenance_hide_adapter: bool = Field(
+        False,
+        description="Leave the adapter (brand:version and scale) out of every output's C2PA "
+        "manifest and embedded parameters.",
+    )
     near_duplicate: Literal["off", "flag", "block"] = Field(
         "flag",
         description="An output whose perceptual hash is near a reference image or one of its "

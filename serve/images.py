@@ -176,7 +176,11 @@ class ImageService:
     ) -> list[EncodedOutput]:
         """The output files of a render's images (watermarked, encoded, C2PA-signed; see
         `serve.outputs.OutputEncoder.encode`), made off the event loop. Every route that
-        stores or returns images calls this first; `source` marks an edit of that image."""
+        stores or returns images calls this first; `source` marks an edit of that image. The
+        tenant's content policy may hide the adapter (`provenance_hide_adapter`)."""
+        hide = False
+        if self.moderation is not None:
+            hide = (await self.moderation.policy(tenant_id)).provenance_hide_adapter
 
         def encode_all() -> list[EncodedOutput]:
             return [
@@ -188,6 +192,7 @@ class ImageService:
                     output_format=output_format,
                     quality=quality,
                     source=source,
+                    hide_adapter=hide,
                 )
                 for i, image in enumerate(images)
             ]

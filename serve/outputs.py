@@ -62,17 +62,20 @@ class OutputEncoder:
         output_format: str = "png",
         quality: int | None = None,
         source: bytes | None = None,
+        hide_adapter: bool = False,
     ) -> EncodedOutput:
         """The output file of image `index` of render `render_id` for `tenant`.
 
         `image` is the engine's PNG (its `parameters` text holds the generation parameters,
         base model and adapter). `output_format` is png, jpeg or webp; `quality` (0..100) applies
         to jpeg and webp. `source`, for an edit, is the image it started from: the manifest then
-        records `c2pa.edited` with it as the parentOf ingredient.
+        records `c2pa.edited` with it as the parentOf ingredient. `hide_adapter` (the tenant's
+        content policy) or the operator's `provenance_hide_adapter_tenants` leave the adapter
+        out of the manifest and the parameters.
         """
         rendered = Image.open(io.BytesIO(image))
         params = dict(read_parameters(rendered) or {})
-        if tenant in self.hide_adapter_tenants:
+        if hide_adapter or tenant in self.hide_adapter_tenants:
             params.pop("adapter", None)
             params.pop("adapter_scale", None)
         payload = watermark.payload_for(render_id, index)

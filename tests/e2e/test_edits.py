@@ -184,6 +184,12 @@ def test_cli_edit_upscale_and_interpolate_write_files(farm, key, tmp_path):
     (up,) = (tmp_path / "up").glob("upscale-*.png")
     assert Image.open(up).size == (2 * side, 2 * side)
     assert len(list((tmp_path / "edit").glob("edit-*.png"))) == 1
+    # vary: a stored render's image (strong), and an image file (OpenAI's variations route).
+    for args, folder in (([render, "3", "--strong"], "vary-render"), ([str(image)], "vary-file")):
+        varied = runner.invoke(cli_app, ["vary", *args, "--out", str(tmp_path / folder)], env=env)
+        assert varied.exit_code == 0, varied.output
+        (made,) = (tmp_path / folder).glob("vary-*.png")
+        assert Image.open(made).size == (side, side)
     # The last frame is the `to` end: the plain render of its prompt and seed.
     with farm.http(key) as http:
         to = http.post(

@@ -9,6 +9,7 @@ import contextlib
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class LocalParts:
 
     def services(self, mlflow_url: str | None = None, **overrides: object) -> ApiServices:
         """Fresh services (own SQLite file, own pools) over the shared engine and store."""
-        index = len(self.apps)
+        index = uuid.uuid4().hex[:12]  # unique even across LocalParts on one state dir
         settings = self.settings.model_copy(
             update={
                 "mlflow_tracking_uri": mlflow_url or self.refused_url(),

@@ -216,6 +216,7 @@ def test_the_default_policy_is_empty_and_auto():
         "protected_marks": [],
         "sensitive_terms": [],
         "moderation": "auto",
+        "provenance_hide_adapter": False,
         "near_duplicate": "flag",
         "near_duplicate_distance": 6,
     }

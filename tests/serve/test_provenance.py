@@ -170,6 +170,24 @@ def test_a_tenant_can_hide_its_adapter(encoder):
     assert "adapter" not in report["parameters"] and b"acme" not in out.data
 
 
+def test_a_tenants_policy_hides_its_adapter_from_its_outputs_only(local_parts):
+    from serve.protocol import RenderedImage
+
+    services = local_parts.services()
+    for name in ("hides-co", "shows-co"):
+        services.tenants.create_tenant(name)
+    asyncio.run(services.moderation.set_policy("hides-co", {"provenance_hide_adapter": True}))
+
+    def output(tenant: str) -> bytes:
+        images = [RenderedImage(png=rendered(64), seed=0)]
+        return asyncio.run(services.images.encode_outputs(tenant, "r", images))[0].data
+
+    hidden, shown = output("hides-co"), output("shows-co")
+    trust = services.images.outputs.trust_anchors
+    assert b"acme" not in hidden and verify_image(hidden, trust)["trusted"]
+    assert "adapter" in verify_image(shown, trust)["parameters"]
+
+
 def test_not_an_image_and_no_manifest(encoder):
     from serve.provenance import NotAnImage
 
