@@ -210,18 +210,14 @@ class LoraRouter:
     `scale * lora_alpha / r` (peft's `set_scale` formula). A row's arithmetic is then exactly
     the solo path's `lora_B(lora_A(x)) * scaling` (times 1.0, which is exact).
 
-    With `full_rows`, peft adds no delta itself: a forward hook on the layer computes each
-    adapter's delta over *all* rows of the call and adds it to that adapter's rows only. That
-    costs a rank-r product per adapter over the whole batch, and keeps every matrix product's
-    shape independent of how many rows use which adapter (CPU BLAS kernels pick their blocking
-    by shape, which changes a row's last bits; see `serve.engine.denoise`).
+    Inside `invariant.batch_invariant()` the sub-batch products are batch-invariant too, so a
+    delta does not depend on how many rows share its adapter (`serve.engine.denoise.step`).
     """
 
     def __init__(self, pipeline) -> None:  # noqa: ANN001 - a diffusers pipeline
         self.pipeline = pipeline
         self._names: list[str] | None = None
         self._scales: list[float] | None = None
-        self._full_rows = False
         self._layers: list = []  # the pipeline's LoRA layers, as of the last `refresh`
 
     def _lora_layers(self) -> Iterator:
@@ -242,7 +238,6 @@ class LoraRouter:
         for layer in self._layers:
             if not getattr(layer, _ROUTED, False):
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-                layer.register_forward_hook(self._add_full_row_deltas, with_kwargs=True)
                 setattr(layer, _ROUTED, True)
             for slot, lora_b in layer.lora_B.items():
                 if not getattr(lora_b, _ROUTED, False):
@@ -250,12 +245,12 @@ class LoraRouter:
                     setattr(lora_b, _ROUTED, True)
 
     @contextmanager
-    def routing(self, names: list[str], scales: list[float], full_rows: bool = False):
+    def routing(self, names: list[str], scales: list[float]):
         """Within the block, row i of every LoRA layer's input uses adapter slot `names[i]`
         (`BASE` for none) at `scales[i]`."""
         if len(names) != len(scales):
             raise ValueError("one scale per row")
-        self._names, self._scales, self._full_rows = list(names), list(scales), full_rows
+        self._names, self._scales = list(names), list(scales)
         held: list[tuple] = []
         try:
             for layer in self._layers:
@@ -267,34 +262,15 @@ class LoraRouter:
             for layer, slot, value in held:
                 layer.scaling[slot] = value
             self._names = self._scales = None
-            self._full_rows = False
 
     def _pre_forward(self, module, args, kwargs):  # noqa: ANN001 - torch hook signature
         if self._names is not None:
-            kwargs["adapter_names"] = [BASE] * len(self._names) if self._full_rows else self._names
+            kwargs["adapter_names"] = self._names
         return args, kwargs
-
-    def _add_full_row_deltas(self, layer, args, kwargs, result):  # noqa: ANN001 - torch hook
-        if self._names is None or not self._full_rows:
-            return result
-        x = args[0] if args else kwargs["x"]
-        for slot in dict.fromkeys(self._names):
-            if slot == BASE or slot not in layer.lora_A:
-                continue
-            lora_a = layer.lora_A[slot]
-            hidden = lora_a(layer.lora_dropout[slot](x.to(lora_a.weight.dtype)))
-            delta = layer.lora_B[slot](hidden)
-            routed = zip(self._names, self._scales, strict=True)
-            rows = [(i, s) for i, (n, s) in enumerate(routed) if n == slot]
-            for scale in dict.fromkeys(s for _, s in rows):
-                index = [i for i, s in rows if s == scale]
-                factor = self._peft_scaling(layer, slot, scale)
-                result[index] += (delta[index] * factor).to(result.dtype)
-        return result
 
     def _scale_rows(self, layer, slot: str):  # noqa: ANN001 - a peft LoraLayer
         def hook(module, inputs, output):  # noqa: ANN001 - torch hook signature
-            if self._names is None or self._full_rows:
+            if self._names is None:
                 return output
             # peft feeds lora_B the rows of `slot` in their batch order.
             scales = [s for n, s in zip(self._names, self._scales, strict=True) if n == slot]
