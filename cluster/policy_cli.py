@@ -48,11 +48,15 @@ def set_policy(
 def events(
     after: Annotated[int, typer.Option(help="List the events after this id.")] = 0,
     limit: Annotated[int, typer.Option(help="Events to list (1..1000).")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
     api_key: ApiKey = None,
 ) -> None:
     """The tenant's refused requests: when, where, which rule."""
     with _client(api_key) as client:
         page = _get(client, "/moderation/events", after=after, limit=limit)
+    if as_json:
+        print(json.dumps(page, indent=2))  # noqa: T201 - plain, unwrapped, for scripts
+        return
     table = Table("id", "when", "source", "field", "scope", "rule", "matched")
     for e in page["data"]:
         table.add_row(

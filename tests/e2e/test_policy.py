@@ -43,6 +43,14 @@ def test_cli_policy_refuses_renders_and_lists_the_audit_trail(farm, tmp_path):
     with farm.http(other) as http:
         assert http.post("/images/generations", json=body).status_code == 200
 
-    listed = runner.invoke(cli_app, ["policy", "events"], env=farm.cli_env(key))
+    table = runner.invoke(cli_app, ["policy", "events"], env=farm.cli_env(key))
+    assert table.exit_code == 0, (table.output, table.exception)
+    assert "Initech" in table.output
+    listed = runner.invoke(cli_app, ["policy", "events", "--json"], env=farm.cli_env(key))
     assert listed.exit_code == 0, (listed.output, listed.exception)
-    assert "protected_marks[0]" in listed.output
+    [event] = json.loads(listed.output)["data"]
+    assert (event["rule"], event["field"], event["matched"]) == (
+        "protected_marks[0]",
+        "prompt",
+        "Initech",
+    )
