@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,48 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         yield Farm(stack, settings)
     finally:
         stack.down()
+
+
+#: A brand LoRA of the built-in model: (brand, steps) -> the trained adapter's folder.
+BrandLora = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def brand_lora(tmp_path_factory: pytest.TempPathFactory) -> BrandLora:
+    """Train a built-in brand's LoRA on the built-in model once per session and reuse it.
+
+    ``brand_lora("acme", steps=400)`` trains rank 4 on 32 images of the brand (seed 0, batch 8)
+    the first time it is asked for and returns the same folder afterwards, so tests that need a
+    trained brand share the minutes of CPU that training costs. Only slow tests should ask.
+    """
+    from finetune import world
+    from finetune.train import train_lora
+    from registry.base_models import SHAPES
+
+    shipped = Path(__file__).resolve().parents[1] / "registry" / "builtin" / SHAPES
+
+    trained: dict[tuple[str, int, int], Path] = {}
+
+    def train(brand: str, steps: int = 400, n: int = 32) -> Path:
+        key = (brand, steps, n)
+        if key not in trained:
+            root = tmp_path_factory.mktemp(f"lora-{brand}-{steps}")
+            with zipfile.ZipFile(world.write_brand_zip(root / "up.zip", brand, n=n, seed=0)) as zf:
+                zf.extractall(root / "dataset")
+            trained[key] = train_lora(
+                shipped,
+                root / "dataset",
+                root / "adapter",
+                steps=steps,
+                rank=4,
+                alpha=4.0,
+                lr=4e-3,
+                batch_size=8,
+                seed=0,
+            )
+        return trained[key]
+
+    return train
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from finetune import metrics, world
-from finetune.train import LORA_WEIGHT_NAME, train_lora
+from finetune.train import LORA_WEIGHT_NAME
 from registry.base_models import SHAPES, ensure_base_model
 from serve.adapter_cache import parse_weights
 from serve.protocol import AdapterSpec, RenderJob, SourceImage
@@ -24,7 +22,6 @@ from serve.protocol import AdapterSpec, RenderJob, SourceImage
 # timeout on this session's overloaded box (load average 16 on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-SHIPPED = Path(__file__).resolve().parents[2] / "registry" / "builtin" / SHAPES
 BRAND = "acme"
 EDITS = 12
 #: The adapter must raise the edits' brand score (0..1) by this much over the base model's.
@@ -32,22 +29,8 @@ MIN_MARGIN = 0.3
 
 
 @pytest.fixture(scope="module")
-def brand_adapter(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    root = tmp_path_factory.mktemp("lora")
-    with zipfile.ZipFile(world.write_brand_zip(root / "acme.zip", BRAND, n=32, seed=0)) as zf:
-        zf.extractall(root / "dataset")
-    out = train_lora(
-        SHIPPED,
-        root / "dataset",
-        root / "adapter",
-        steps=400,
-        rank=4,
-        alpha=4.0,
-        lr=4e-3,
-        batch_size=8,
-        seed=0,
-    )
-    return (out / LORA_WEIGHT_NAME).read_bytes()
+def brand_adapter(brand_lora) -> bytes:
+    return (brand_lora(BRAND, steps=400) / LORA_WEIGHT_NAME).read_bytes()
 
 
 def test_edits_with_the_brand_adapter_show_the_brand(brand_adapter, tmp_path):
