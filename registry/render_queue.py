@@ -58,6 +58,7 @@ class RenderTaskRow(Base):
     __table_args__ = (
         Index("ix_render_tasks_claim", "status", "tier", "vfinish"),
         Index("ix_render_tasks_event_pending", "event_pending"),
+        Index("ix_render_tasks_finished", "status", "finished_at"),  # the retention sweep
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -74,6 +75,8 @@ class RenderTaskRow(Base):
     progress_total: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
+    # The dispatcher of the latest claim, kept after the render ends (which ingress ran it).
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -112,6 +115,7 @@ class RenderTask:
     progress_total: int
     attempts: int
     lease_owner: str | None
+    claimed_by: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -136,6 +140,7 @@ class RenderTask:
             r.progress_total,
             r.attempts,
             r.lease_owner,
+            r.claimed_by,
             r.created_at,
             r.started_at,
             r.finished_at,
@@ -372,6 +377,7 @@ class RenderQueueStore:
                     .values(
                         status="in_progress",
                         lease_owner=owner,
+                        claimed_by=owner,
                         lease_expires_at=now + dt.timedelta(seconds=lease_s),
                         attempts=c.attempts + 1,
                         started_at=func.coalesce(c.started_at, now),

@@ -23,6 +23,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -53,6 +54,7 @@ DELIVERY_STATUSES = ("pending", "succeeded", "failed", "no_endpoint", "endpoint_
 MAX_URL_CHARS = 2048
 RESPONSE_EXCERPT_CHARS = 1024
 SECRET_BYTES = 32
+SEALED_CHARS = 400  # a sealed secret is ~170 characters
 
 
 def new_secret() -> str:
@@ -71,10 +73,12 @@ class WebhookTenantRow(Base):
 
     __tablename__ = "webhook_tenants"
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
-    secret: Mapped[str | None] = mapped_column(String(100))
+    # Encrypted with the farm key (`registry.secret_box`); a plain `whsec_` value is a row
+    # written before encryption, sealed by the ingress at start.
+    secret: Mapped[str | None] = mapped_column(String(SEALED_CHARS))
     secret_created_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # After a rotation, deliveries carry a signature by the previous secret too, until then.
-    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(SEALED_CHARS))
     previous_secret_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     url: Mapped[str | None] = mapped_column(String(MAX_URL_CHARS))
 
@@ -103,6 +107,7 @@ class WebhookEventRow(Base):
 
 class WebhookDeliveryRow(Base):
     __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_finished", "status", "finished_at"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), index=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)

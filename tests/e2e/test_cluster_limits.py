@@ -1,6 +1,7 @@
-"""Cluster-wide limits on a real farm with two ingress replicas: the hourly quota and the
-in-flight limit hold across them, because both replicas admit through the same database
-(registry.render_limits), not through their own memory."""
+"""Cluster-wide limits and the render queue on a real farm with two ingress replicas: the hourly
+quota and the in-flight limit hold across them, because both replicas admit through the same
+database (registry.render_limits), not through their own memory; and the async renders both
+replicas' dispatchers take from the one queue are each rendered, charged and announced once."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typer.testing import CliRunner
 
 from cluster.cli import app as cli_app
 from cluster.stack import LocalStack
+from registry.db import make_engine
 from registry.render_limits import RenderLimiter
+from registry.render_queue import RenderQueueStore
 from serve.serve_config import APP_NAME, INGRESS
 from tests.conftest import Farm, farm_settings
 from tests.polling import wait_for
+from tests.serve.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -130,3 +134,54 @@ def test_the_inflight_limit_holds_across_both_ingress_replicas(farm2):
     ids = [r.headers["x-request-id"] for r in refused]
     assert len(replicas_that_answered(farm2, ids)) == 2  # refused by both, not by one
     assert slots.inflight("inflight2-co") == 0
+
+
+def test_async_renders_are_shared_by_both_dispatchers_and_each_done_once(farm2):
+    """Renders accepted through both replicas are claimed by both replicas' dispatchers from the
+    one queue; each ends with one result, one usage row and one signed webhook, none lost."""
+    key = farm2.new_tenant("queue2-co")
+    receiver = WebhookReceiver()
+    count = 16
+    try:
+        with farm2.http(key) as c:
+            receiver.secret = c.post("/webhooks/secret").json()["secret"]
+            set_url = c.put("/webhooks/config", json={"url": receiver.url})
+            assert set_url.status_code == 200, set_url.text
+
+            def submit(i: int) -> httpx.Response:
+                rid = f"req_{secrets.token_hex(8)}"
+                body = {**QUICK, "steps": 8, "seed": 100 + i}
+                return c.post("/renders", json=body, headers={"X-Request-Id": rid})
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                accepted = list(pool.map(submit, range(count)))
+            assert [r.status_code for r in accepted] == [202] * count, accepted[0].text
+            ids = [r.json()["id"] for r in accepted]
+            wait_for(
+                lambda: len(receiver.accepted("render.succeeded")) >= count,
+                600,
+                "every render's succeeded webhook",
+                every_s=1,
+            )
+            done = [c.get(f"/renders/{i}").json() for i in ids]
+        assert [d["status"] for d in done] == ["succeeded"] * count
+        assert [[x["seed"] for x in d["data"]] for d in done] == [[100 + i] for i in range(count)]
+        tasks = [
+            RenderQueueStore(make_engine(farm2.settings.resolved_database_url)).get_any(i)
+            for i in ids
+        ]
+        # One claim each (no render ran twice), and both replicas' dispatchers took some.
+        assert [t.attempts for t in tasks] == [1] * count
+        by = {t.claimed_by for t in tasks}
+        assert len(by) == 2, by
+        assert (
+            len(replicas_that_answered(farm2, [r.headers["x-request-id"] for r in accepted])) == 2
+        )
+        assert farm2.tenants.count_renders("queue2-co") == count  # charged once each
+        stored = [o.key for o in farm2.store.list("tenants/queue2-co/renders/")]
+        assert len(stored) == count and {k.split("/")[3] for k in stored} == set(ids)
+        announced = [r.verified["data"]["id"] for r in receiver.accepted("render.succeeded")]
+        assert sorted(announced) == sorted(ids)  # one webhook per render, verified
+        assert len(receiver.received) == count  # and nothing else, no retry
+    finally:
+        receiver.close()

@@ -73,21 +73,33 @@ def test_cancel_404_across_tenants_and_409(farm) -> None:
 
 
 @pytest.mark.slow
-def test_an_accepted_render_survives_down_and_up(farm) -> None:
+def test_accepted_renders_survive_down_and_up(farm) -> None:
+    """One render mid-way and others behind it (queued, or just claimed) when the farm goes
+    down: after `up` each succeeds once, none lost."""
     key = farm.new_tenant("async-restart-co")
     with farm.http(key) as c:
         r = c.post("/renders", json={**SMALL, "n": 4, "steps": 100, "seed": 1})
         assert r.status_code == 202, r.text
-    render_id = r.json()["id"]
-    wait_for(lambda: queue(farm).get_any(render_id).status != "queued", 120, "the render starts")
+        render_id = r.json()["id"]
+        wait_for(lambda: queue(farm).get_any(render_id).status != "queued", 120, "it starts")
+        behind = [c.post("/renders", json={**SMALL, "seed": 10 + i}) for i in range(6)]
+        assert [b.status_code for b in behind] == [202] * 6
+    later = [b.json()["id"] for b in behind]
+    at_down = {queue(farm).get_any(i).status for i in later}
     farm.restart()  # `brandfarm down` then `up`: the ingress and its dispatcher die mid-render
-    # Its lease expires (render_queue_lease_s) and the new ingress's dispatcher renders it again.
+    # Leases expire (render_queue_lease_s) and the new ingress's dispatcher renders them again;
+    # the queued ones were only ever rows in the database.
     with farm.http(key) as c:
         wait_for(
-            lambda: c.get(f"/renders/{render_id}").json()["status"] == "succeeded",
+            lambda: all(
+                c.get(f"/renders/{i}").json()["status"] == "succeeded" for i in [render_id, *later]
+            ),
             300,
-            "the render succeeds after the restart",
+            "every render succeeds after the restart",
         )
         done = c.get(f"/renders/{render_id}").json()
+        seeds = [c.get(f"/renders/{i}").json()["data"][0]["seed"] for i in later]
     assert [d["seed"] for d in done["data"]] == [1, 2, 3, 4]
-    assert farm.tenants.count_renders("async-restart-co") == 1
+    assert seeds == [10 + i for i in range(6)]
+    assert farm.tenants.count_renders("async-restart-co") == 7  # each charged once
+    assert at_down - {"succeeded"}, at_down  # some were still waiting when the farm went down
