@@ -1,5 +1,7 @@
 """Render retention: renders older than a tenant's retention (its override, else the farm's
-`render_retention_days`) lose their stored images; their usage row stays, marked expired.
+`render_retention_days`) lose their stored images; their usage row stays, marked expired. The
+same sweeper prunes the render queue's and the webhook outbox's finished rows
+(`registry.queue_retention`).
 
 Each render's objects live under `tenants/<tenant>/renders/<render id>/`, a prefix built from the
 row's own tenant, so a sweep never touches another tenant's objects. Objects go first, then the
@@ -19,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from registry.limits import EffectiveLimits
+from registry.queue_retention import PruneReport, prune_queue_rows
 from registry.settings import Settings
 from registry.sql_base import utcnow
 from registry.storage import ObjectStore, tenant_prefix
@@ -123,6 +126,7 @@ class RetentionSweeper:
         self._thread = threading.Thread(target=self._run, name="render-retention", daemon=True)
         #: What the latest sweep did (None if it failed), and an event set after each sweep.
         self.last_report: SweepReport | None = None
+        self.last_pruned: PruneReport | None = None
         self.swept = threading.Event()
 
     def start(self) -> RetentionSweeper:
@@ -150,5 +154,26 @@ class RetentionSweeper:
             except Exception as e:  # noqa: BLE001 - a sweep that failed runs again next time
                 log.warning("render retention sweep failed: %s", e)
             self.last_report = report
+            self.last_pruned = self._prune()
             self.swept.set()
             self._stop.wait(self.settings.render_retention_sweep_interval_s)
+
+    def _prune(self) -> PruneReport | None:
+        s = self.settings
+        try:
+            pruned = prune_queue_rows(
+                self.tenants.engine,
+                s.render_task_retention_days,
+                s.webhook_delivery_retention_days,
+                s.retention_batch_rows,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. the database briefly down: next time
+            log.warning("render queue / webhook retention failed: %s", e)
+            return None
+        if pruned.render_tasks or pruned.deliveries:
+            log.info(
+                "retention: deleted %d finished render tasks, %d webhook deliveries",
+                pruned.render_tasks,
+                pruned.deliveries,
+            )
+        return pruned

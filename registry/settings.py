@@ -385,7 +385,33 @@ class Settings(BaseSettings):
         "usage row stays, marked expired). Unset: renders are kept forever.",
     )
     render_retention_sweep_interval_s: float = Field(
-        3600.0, ge=1, description="How often the ingress deletes expired renders."
+        3600.0,
+        ge=1,
+        description="How often the ingress deletes expired renders, finished render tasks and "
+        "finished webhook deliveries.",
+    )
+    render_task_retention_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="Finished async renders (succeeded, failed, cancelled, their event sent) "
+        "older than this many days are deleted from the render queue's table (GET "
+        "/v1/renders/{id} then answers 404; the usage row and the images stay, see "
+        "render_retention_days). Unset: kept forever. Swept with the render retention.",
+    )
+    webhook_delivery_retention_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="Webhook deliveries no longer pending (succeeded, failed for good, never "
+        "sent) older than this many days are deleted with their attempts and event (they can "
+        "no longer be listed or replayed). Unset: kept forever. Swept with the render "
+        "retention.",
+    )
+    retention_batch_rows: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Rows one retention transaction deletes (short transactions: the queue's "
+        "dispatchers write the same tables).",
     )
     # --- async renders: the durable render queue (POST /v1/renders) ------------------------
     render_queue_concurrency: int = Field(
