@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from pydantic import SecretStr
 
 from cluster.processes import ManagedProcess, ProcessSpec, StackError
 from cluster.topology import Topology, alive_nodes, local_worker_resource, read_topology
 from registry.base_models import BaseModelInfo, ensure_base_model
+from registry.secret_box import new_key
 from registry.settings import Settings, child_env
 from registry.storage import ObjectStore
 from serve.serve_config import http_options
@@ -104,29 +106,66 @@ class LocalStack:
     def credentials_file(self) -> Path:
         return self.state / "credentials.json"
 
-    def _embedded_credentials(self, create: bool) -> dict[str, str] | None:
+    def _stored_credentials(self) -> dict[str, str]:
         if self.credentials_file.exists():
             return json.loads(self.credentials_file.read_text())
-        if not create:
-            return None
+        return {}
+
+    def _credential(self, name: str, create: Callable[[], dict[str, str]]) -> dict[str, str]:
+        """The credentials file, with `create()`'s values added under a lock if it lacks `name`
+        (the CLI and `up` may both create at once: a key made twice would be lost once)."""
+        creds = self._stored_credentials()
+        if name in creds:
+            return creds
         self.state.mkdir(parents=True, exist_ok=True)
-        creds = {
-            "s3_access_key": "bf" + secrets.token_hex(8),
-            "s3_secret_key": secrets.token_urlsafe(30),
-        }
-        fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(creds, f)
+        with FileLock(str(self.credentials_file) + ".lock", timeout=60):
+            creds = self._stored_credentials()
+            if name not in creds:
+                creds |= create()
+                tmp = self.credentials_file.with_name(f".credentials.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(creds, f)
+                os.replace(tmp, self.credentials_file)
         return creds
 
+    def _embedded_credentials(self, create: bool) -> dict[str, str] | None:
+        creds = self._stored_credentials()
+        if "s3_access_key" not in creds:
+            if not create:
+                return None
+            creds = self._credential(
+                "s3_access_key",
+                lambda: {
+                    "s3_access_key": "bf" + secrets.token_hex(8),
+                    "s3_secret_key": secrets.token_urlsafe(30),
+                },
+            )
+        return {k: v for k, v in creds.items() if k.startswith("s3_")}
+
+    def encryption_keys(self, create: bool) -> str | None:
+        """The farm key of an embedded farm (`encryption_keys`): the setting when it is set,
+        else the one in the credentials file, made there on first use when `create`."""
+        if self.settings.encryption_keys is not None:
+            return self.settings.encryption_keys.get_secret_value()
+        if not create:
+            return self._stored_credentials().get("encryption_keys")
+        return self._credential("encryption_keys", lambda: {"encryption_keys": new_key()})[
+            "encryption_keys"
+        ]
+
     def resolved_settings(self, create: bool = False) -> Settings:
-        """Settings with absolute paths and the embedded store's credentials filled in."""
-        if self.settings.s3_endpoint:
-            return self.settings
+        """Settings with absolute paths, the farm key and the embedded store's credentials."""
+        settings = self.settings
+        key = self.encryption_keys(create)
+        if key is not None:
+            settings = settings.model_copy(update={"encryption_keys": SecretStr(key)})
+        if settings.s3_endpoint:
+            return settings
         creds = self._embedded_credentials(create)
         if creds is None:
-            return self.settings
-        return self.settings.model_copy(update={k: SecretStr(v) for k, v in creds.items()})
+            return settings
+        return settings.model_copy(update={k: SecretStr(v) for k, v in creds.items()})
 
     # --- components -------------------------------------------------------------------------
     def _s3(self, s: Settings) -> ManagedProcess:

@@ -2,7 +2,8 @@
 
 `brandfarm webhooks ...` acts as one tenant over HTTP (key in `BRANDFARM_API_KEY`): its URL, its
 signing secret, its deliveries and replays. `brandfarm tenants webhook ...` is the operator's,
-straight on the farm database: rotate a tenant's secret, set its URL.
+straight on the farm database: rotate a tenant's secret, set its URL, reseal the secrets under
+the farm key.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import time
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 from rich.table import Column, Table
 
+from cluster.stack import LocalStack
 from cluster.tenant_cli import ApiKey, _client, _get, _ok, console
 from registry.db import make_engine
+from registry.secret_box import SecretBox, SecretKeyError, new_key
 from registry.settings import load_settings
 from registry.webhooks import WebhookError, WebhookStore
 from serve.errors import InvalidField
@@ -104,7 +108,32 @@ def replay(delivery_id: str, api_key: ApiKey = None) -> None:
 
 # --- the operator's commands (database) ---------------------------------------------------------
 def _store() -> WebhookStore:
-    return WebhookStore(make_engine(load_settings().resolved_database_url))
+    """The farm's outbox with its key: the setting, else (the embedded farm's own database) the
+    key in its credentials file, made there if this is the farm's first use of one."""
+    settings = load_settings()
+    if settings.encryption_keys is None and settings.database_url is None:
+        key = LocalStack(settings).encryption_keys(create=True)
+        settings = settings.model_copy(update={"encryption_keys": SecretStr(key)})
+    box = SecretBox.of_settings(settings)
+    return WebhookStore(make_engine(settings.resolved_database_url), box)
+
+
+@webhook_admin_app.command("reseal-secrets")
+def admin_reseal_secrets() -> None:
+    """Encrypt every tenant's webhook secrets with the first farm key (plain rows from before
+    encryption, and rows under an older key, which can be dropped afterwards)."""
+    try:
+        n = _store().reseal_secrets()
+    except SecretKeyError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    console.print(f"resealed {n} webhook secrets with the first key")
+
+
+@webhook_admin_app.command("new-key")
+def admin_new_key() -> None:
+    """Print a new farm key (put it first in BRANDFARM_ENCRYPTION_KEYS to rotate)."""
+    typer.echo(new_key())
 
 
 @webhook_admin_app.command("rotate-secret")
@@ -119,7 +148,7 @@ def admin_rotate_secret(
     grace = load_settings().webhook_secret_grace_s if grace_s is None else grace_s
     try:
         secret = _store().rotate_secret(tenant, grace)
-    except WebhookError as e:
+    except (WebhookError, SecretKeyError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from e
     _print_secret(secret, grace)

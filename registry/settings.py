@@ -38,6 +38,7 @@ SECRET_FIELDS = frozenset(
         "database_url",
         "mlflow_tracking_uri",
         "mlflow_backend_uri",
+        "encryption_keys",
     }
 )
 #: Secrets no process on the cluster needs: the CLI's own tenant key stays off the secrets file.
@@ -116,6 +117,13 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of tenants/keys/usage (default: SQLite in state)."
+    )
+    encryption_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated Fernet keys that encrypt tenants' webhook signing secrets "
+        "in the farm database, newest first: the first encrypts, each decrypts. Rotate: put a "
+        "new key first, restart, run `brandfarm tenants webhook reseal-secrets`, drop the old "
+        "key. Unset on an embedded farm: `brandfarm up` creates one (credentials.json).",
     )
 
     # --- model and replicas -------------------------------------------------------------------

@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from registry.secret_box import SecretBox, missing_key
 from registry.sql_base import Base, utcnow
 from registry.tenants import TenantRow
 
@@ -266,8 +267,54 @@ def add_event(
 
 
 class WebhookStore:
-    def __init__(self, engine: Engine) -> None:
+    """`box` seals the signing secrets at rest (`registry.secret_box`); without one, a secret
+    cannot be created, and only a plain row written before encryption can be read."""
+
+    def __init__(self, engine: Engine, box: SecretBox | None = None) -> None:
         self.engine = engine
+        self.box = box
+
+    def _seal(self, secret: str) -> str:
+        if self.box is None:
+            raise missing_key("cannot store a webhook secret")
+        return self.box.seal(secret)
+
+    def _open(self, stored: str) -> str:
+        if self.box is None:
+            if SecretBox.is_sealed(stored):
+                raise missing_key("cannot read a webhook secret")
+            return stored
+        return self.box.open(stored)
+
+    def reseal_secrets(self) -> int:
+        """Seal every secret with the box's first key: plain rows written before encryption,
+        and rows sealed with an older key (so it can be dropped). Each row is a compare-and-set
+        on the value read, so ingress replicas that start together may all run it. Returns how
+        many values it changed."""
+        if self.box is None:
+            raise missing_key("cannot seal the webhook secrets")
+        changed = 0
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(
+                    WebhookTenantRow.tenant_id,
+                    WebhookTenantRow.secret,
+                    WebhookTenantRow.previous_secret,
+                )
+            ).all()
+        for tenant_id, *values in rows:
+            for column, value in zip(("secret", "previous_secret"), values, strict=True):
+                if value is None or self.box.is_current(value):
+                    continue
+                col = getattr(WebhookTenantRow, column)
+                with Session(self.engine) as s, s.begin():
+                    done = s.execute(
+                        update(WebhookTenantRow)
+                        .where(WebhookTenantRow.tenant_id == tenant_id, col == value)
+                        .values({column: self.box.reseal(value)})
+                    )
+                    changed += done.rowcount
+        return changed
 
     # --- a tenant's secrets and default URL --------------------------------------------------
     def _tenant_row(self, session: Session, tenant_id: str) -> WebhookTenantRow:
@@ -291,7 +338,7 @@ class WebhookStore:
                 row.previous_secret_until = now + dt.timedelta(seconds=grace_s)
             else:
                 row.previous_secret, row.previous_secret_until = None, None
-            row.secret, row.secret_created_at = secret, now
+            row.secret, row.secret_created_at = self._seal(secret), now
         return secret
 
     def ensure_secret(self, tenant_id: str) -> str | None:
@@ -300,8 +347,9 @@ class WebhookStore:
             row = self._tenant_row(s, tenant_id)
             if row.secret is not None:
                 return None
-            row.secret, row.secret_created_at = new_secret(), utcnow()
-            return row.secret
+            secret = new_secret()
+            row.secret, row.secret_created_at = self._seal(secret), utcnow()
+            return secret
 
     def signing_secrets(self, tenant_id: str) -> list[str]:
         """The secrets a delivery is signed with now: the current one, then the previous one
@@ -310,10 +358,10 @@ class WebhookStore:
             row = s.get(WebhookTenantRow, tenant_id)
             if row is None or row.secret is None:
                 return []
-            out = [row.secret]
+            out = [self._open(row.secret)]
             until = _aware(row.previous_secret_until)
             if row.previous_secret and until is not None and until > utcnow():
-                out.append(row.previous_secret)
+                out.append(self._open(row.previous_secret))
             return out
 
     def set_url(self, tenant_id: str, url: str | None) -> WebhookConfig:

@@ -4,6 +4,7 @@ app (plain uvicorn, the fast tests) build them, with the same limits, timeouts a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from finetune.datasets import DatasetLimits
@@ -20,6 +21,7 @@ from registry.near_duplicates import ImageHashIndex
 from registry.render_limits import RenderLimiter
 from registry.render_queue import RenderQueueStore
 from registry.retention import RetentionSweeper
+from registry.secret_box import SecretBox, SecretKeyError
 from registry.settings import Settings, apply_mlflow_client_limits
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -42,6 +44,8 @@ from serve.render_queue import RenderDispatcher, RenderService
 from serve.resolver import AdapterResolver
 from serve.webhook_urls import check_webhook_url
 from serve.webhooks import WebhookDispatcher, WebhookService
+
+log = logging.getLogger(__name__)
 
 
 def build_services(
@@ -91,7 +95,7 @@ def build_services(
     files = FileCatalog(engine)
     launcher = JobLauncher(settings)
     jobs = JobService(settings, model, JobStore(engine), files, store, launcher, guard)
-    webhooks = WebhookStore(engine)
+    webhooks = WebhookStore(engine, SecretBox.of_settings(settings))
     renders = RenderService(
         RenderQueueStore(engine),
         images,
@@ -136,6 +140,21 @@ def build_services(
     )
 
 
+def _seal_webhook_secrets(webhooks: WebhookStore) -> None:
+    """Seal the webhook secrets still stored plain (rows from before encryption) or under an
+    older farm key; a farm without a key says so in the log and keeps serving."""
+    try:
+        sealed = webhooks.reseal_secrets()
+    except SecretKeyError as e:
+        log.error("%s", e)
+        return
+    except Exception:  # noqa: BLE001 - the database briefly down: the next start retries
+        log.exception("sealing the webhook secrets failed")
+        return
+    if sealed:
+        log.info("sealed %d webhook secrets with the farm key", sealed)
+
+
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
     Ray jobs, the outbox gets submitted), the render-retention sweeper, the webhook
@@ -143,6 +162,7 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
     dispatcher. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
+    _seal_webhook_secrets(services.webhooks.store)
     sweeper = RetentionSweeper(
         settings,
         services.tenants,

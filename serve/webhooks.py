@@ -10,18 +10,21 @@ it, then records the attempt; the store schedules the retries and disables faili
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 from pydantic import BaseModel, Field
 from standardwebhooks import Webhook
 
 from registry.jobs import timestamp
+from registry.secret_box import SecretKeyError
 from registry.settings import Settings
 from registry.sql_base import utcnow
 from registry.webhooks import (
@@ -187,13 +190,29 @@ def delivery_object(d: Delivery) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _farm_key_needed() -> Iterator[None]:
+    """A farm without its encryption key cannot store a secret: 503 for the tenant (the
+    operator's fix is in the log), not a 500."""
+    try:
+        yield
+    except SecretKeyError as e:
+        log.error("%s", e)
+        raise APIError(
+            503,
+            "webhook secrets cannot be stored now: the farm's encryption key is not configured",
+            code="encryption_key_missing",
+        ) from e
+
+
 class WebhookService:
     def __init__(self, store: WebhookStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
 
     def rotate_secret(self, tenant_id: str) -> dict:
-        secret = self.store.rotate_secret(tenant_id, self.settings.webhook_secret_grace_s)
+        with _farm_key_needed():
+            secret = self.store.rotate_secret(tenant_id, self.settings.webhook_secret_grace_s)
         return {
             **config_object(self.store.config(tenant_id)),
             "secret": secret,  # shown this once
@@ -204,8 +223,9 @@ class WebhookService:
 
     def set_config(self, tenant_id: str, req: WebhookConfigRequest) -> dict:
         url = check_webhook_url(req.url, self.settings, "url") if req.url is not None else None
-        config = self.store.set_url(tenant_id, url)
-        created = self.store.ensure_secret(tenant_id) if url is not None else None
+        with _farm_key_needed():
+            config = self.store.set_url(tenant_id, url)
+            created = self.store.ensure_secret(tenant_id) if url is not None else None
         out = config_object(self.store.config(tenant_id) if created else config)
         if created:
             out["secret"] = created  # the tenant's first secret, shown this once

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import uvicorn
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.processes import free_ports
+from cluster.stack import LocalStack
 from registry.db import make_engine
+from registry.secret_box import SecretBox, SecretKeyError, new_key
 from registry.settings import Settings
 from registry.webhooks import WebhookStore
 from serve.api import create_api
@@ -33,7 +36,13 @@ def test_operator_sets_a_url_and_rotates_a_tenants_secret(tmp_path):
     assert rotated.exit_code == 0, rotated.output
     second = rotated.output.split("store it now):\n")[1].split()[0]
 
-    store = WebhookStore(make_engine(f"sqlite:///{tmp_path / 'state' / 'brandfarm.db'}"))
+    # Sealed with the key the CLI made in the state's credentials file, where `up` finds it.
+    key = LocalStack(Settings(state_dir=tmp_path / "state")).encryption_keys(create=False)
+    engine = make_engine(f"sqlite:///{tmp_path / 'state' / 'brandfarm.db'}")
+    assert WebhookStore(engine).config("acme").has_secret
+    with pytest.raises(SecretKeyError, match="encryption_keys setting is not set"):
+        WebhookStore(engine).signing_secrets("acme")  # no key: a clear error, not ciphertext
+    store = WebhookStore(engine, SecretBox([key]))
     assert store.signing_secrets("acme") == [second, first]
     assert store.config("acme").url == "https://93.184.215.14/h"
     missing = run(app, ["tenants", "webhook", "rotate-secret", "nobody"], env=env)
@@ -48,7 +57,9 @@ def test_tenant_manages_its_webhooks_over_http(tmp_path):
     port = free_ports(1)[0]
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     # An allowed name: checked without a DNS lookup; nothing is ever sent to it here.
-    settings = Settings(state_dir=tmp_path / "api", webhook_allow_hosts=["hooks.test"])
+    settings = Settings(
+        state_dir=tmp_path / "api", webhook_allow_hosts=["hooks.test"], encryption_keys=new_key()
+    )
     services = webhook_services(engine, settings)
     key = services.tenants.create_tenant("acme").key
     server = uvicorn.Server(

@@ -18,6 +18,7 @@ SECRETS = {
     "database_url": "postgresql+psycopg://bf:db-password-distinctive-5d2@db.internal/bf",
     "mlflow_tracking_uri": "http://ml:mlflow-password-distinctive-91@mlflow.internal:5000",
     "mlflow_backend_uri": "postgresql://ml:backend-password-distinctive-3e@db.internal/ml",
+    "encryption_keys": "Zm9vLWRpc3RpbmN0aXZlLWZhcm0ta2V5LTYzYTEtMDA=",
 }
 SECRET_VALUES = [
     "AKIA-distinctive-access-4711",
@@ -26,6 +27,7 @@ SECRET_VALUES = [
     "db-password-distinctive-5d2",
     "mlflow-password-distinctive-91",
     "backend-password-distinctive-3e",
+    "Zm9vLWRpc3RpbmN0aXZlLWZhcm0ta2V5LTYzYTEtMDA=",
 ]
 
 

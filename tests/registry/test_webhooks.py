@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry.jobs import JobStore
+from registry.secret_box import SecretBox, new_key
 from registry.sql_base import utcnow
 from registry.tenants import TenantDirectory
 from registry.webhooks import (
@@ -33,7 +34,7 @@ def store(sql_engine) -> WebhookStore:
     tenants = TenantDirectory(sql_engine)
     tenants.create_tenant("acme")
     tenants.create_tenant("globex")
-    return WebhookStore(sql_engine)
+    return WebhookStore(sql_engine, SecretBox([new_key()]))
 
 
 def _row(store: WebhookStore, delivery_id: str) -> WebhookDeliveryRow:

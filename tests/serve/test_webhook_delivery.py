@@ -12,6 +12,7 @@ from standardwebhooks import Webhook
 
 from registry.db import make_engine
 from registry.jobs import JobStore
+from registry.secret_box import new_key
 from registry.settings import Settings
 from registry.tenants import TenantDirectory
 from serve.api import create_api
@@ -28,6 +29,7 @@ def farm_parts(tmp_path):
         webhook_retry_schedule_s=[0.2, 0.4, 0.8],
         webhook_poll_interval_s=0.05,
         webhook_timeout_s=5,
+        encryption_keys=new_key(),
     )
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     key = TenantDirectory(engine).create_tenant("acme").key

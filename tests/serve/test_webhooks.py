@@ -15,6 +15,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from registry.db import make_engine
+from registry.secret_box import SecretBox, new_key
 from registry.settings import Settings
 from registry.sql_base import utcnow
 from registry.tenants import TenantDirectory
@@ -37,6 +38,7 @@ def settings(tmp_path) -> Settings:
         state_dir=tmp_path / "state",
         webhook_retry_schedule_s=[5, 25],
         webhook_disable_after_failures=3,
+        encryption_keys=new_key(),
     )
 
 
@@ -146,7 +148,7 @@ def _transport(log: list[httpx.Request], status: int = 200) -> httpx.Client:
 
 def test_delivery_time_check_refuses_a_host_that_now_resolves_inside(settings, resolved, db):
     engine, _ = db
-    store = WebhookStore(engine)
+    store = WebhookStore(engine, SecretBox.of_settings(settings))
     resolved["hooks.example.com"] = [GLOBAL]
     store.set_url("acme", check_webhook_url("https://hooks.example.com/x", settings))
     store.rotate_secret("acme", 0)
@@ -161,7 +163,7 @@ def test_delivery_time_check_refuses_a_host_that_now_resolves_inside(settings, r
 
 def test_a_delivery_is_signed_posted_and_recorded(settings, resolved, db):
     engine, _ = db
-    store = WebhookStore(engine)
+    store = WebhookStore(engine, SecretBox.of_settings(settings))
     resolved["hooks.example.com"] = [GLOBAL]
     store.set_url("acme", "https://hooks.example.com/x")
     secret = store.rotate_secret("acme", 0)
@@ -191,7 +193,7 @@ def test_a_failing_endpoint_is_recorded_in_plain_words_and_retried(
     settings, resolved, db, raised, says
 ):
     engine, _ = db
-    store = WebhookStore(engine)
+    store = WebhookStore(engine, SecretBox.of_settings(settings))
     resolved["hooks.example.com"] = [GLOBAL]
     store.set_url("acme", "https://hooks.example.com/x")
     store.rotate_secret("acme", 0)
@@ -210,7 +212,7 @@ def test_a_failing_endpoint_is_recorded_in_plain_words_and_retried(
 
 def test_a_tenant_without_a_secret_gets_no_unsigned_delivery(settings, resolved, db):
     engine, _ = db
-    store = WebhookStore(engine)
+    store = WebhookStore(engine, SecretBox.of_settings(settings))
     resolved["hooks.example.com"] = [GLOBAL]
     store.set_url("acme", "https://hooks.example.com/x")
     delivery = store.enqueue("acme", "render.succeeded", {})

@@ -14,6 +14,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from cluster.processes import free_ports
+from registry.secret_box import SecretBox
 from registry.settings import Settings
 from registry.tenants import TenantDirectory
 from registry.webhooks import WebhookStore
@@ -98,5 +99,5 @@ def webhook_services(engine: Engine, settings: Settings) -> ApiServices:
         adapters=None,
         max_request_bytes=64 * 1024,
         max_upload_bytes=64 * 1024,
-        webhooks=WebhookService(WebhookStore(engine), settings),
+        webhooks=WebhookService(WebhookStore(engine, SecretBox.of_settings(settings)), settings),
     )
