@@ -47,9 +47,10 @@ class SecretBox:
     @classmethod
     def of_settings(cls, settings: Settings) -> SecretBox | None:
         """The farm's box, or None when `encryption_keys` is unset."""
-        if settings.encryption_keys is None:
-            return None
-        return cls(parse_keys(settings.encryption_keys.get_secret_value()))
+        keys = parse_keys(
+            settings.encryption_keys.get_secret_value() if settings.encryption_keys else ""
+        )
+        return cls(keys) if keys else None
 
     @staticmethod
     def is_sealed(value: str) -> bool:
