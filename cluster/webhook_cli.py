@@ -168,6 +168,10 @@ def admin_set_url(
         console.print(f"[red]error:[/red] {getattr(e, 'message', e)}")
         raise typer.Exit(1) from e
     console.print(f"{tenant}: webhook url {config.url or '-'}")
-    created = store.ensure_secret(tenant) if checked else None
+    try:
+        created = store.ensure_secret(tenant) if checked else None
+    except SecretKeyError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
     if created:  # events to a URL need a secret to be signed with
         _print_secret(created, None)
