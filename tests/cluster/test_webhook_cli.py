@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import uvicorn
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -15,7 +16,7 @@ from cluster.stack import LocalStack
 from registry.db import make_engine
 from registry.secret_box import SecretBox, SecretKeyError, new_key
 from registry.settings import Settings
-from registry.webhooks import WebhookStore
+from registry.webhooks import WebhookStore, WebhookTenantRow
 from serve.api import create_api
 from tests.polling import wait_for
 from tests.serve.webhook_receiver import webhook_services
@@ -88,3 +89,26 @@ def test_tenant_manages_its_webhooks_over_http(tmp_path):
         assert busy.exit_code == 1 and "still being attempted" in busy.output
     finally:
         server.should_exit = True
+
+
+def test_operator_reseals_plain_secrets_and_makes_a_new_key(tmp_path):
+    env = {"BRANDFARM_STATE_DIR": str(tmp_path / "state")}
+    run = CliRunner().invoke
+    assert run(app, ["tenants", "create", "acme"], env=env).exit_code == 0
+    engine = make_engine(f"sqlite:///{tmp_path / 'state' / 'brandfarm.db'}")
+    plain = "whsec_" + "A" * 43 + "="
+    with Session(engine) as s, s.begin():  # a row written before encryption
+        s.add(WebhookTenantRow(tenant_id="acme", secret=plain))
+    sealed = run(app, ["tenants", "webhook", "reseal-secrets"], env=env)
+    assert sealed.exit_code == 0 and "resealed 1 webhook secrets" in sealed.output, sealed.output
+    with Session(engine) as s:
+        assert s.get(WebhookTenantRow, "acme").secret.startswith("fernet:")
+    key = LocalStack(Settings(state_dir=tmp_path / "state")).encryption_keys(create=False)
+    assert WebhookStore(engine, SecretBox([key])).signing_secrets("acme") == [plain]
+    made = run(app, ["tenants", "webhook", "new-key"], env=env)
+    assert made.exit_code == 0
+    SecretBox([made.output.strip()])  # a valid Fernet key
+    # Against a database that is not the embedded farm's and no key: a clear refusal.
+    other = {"BRANDFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'other.db'}", **env}
+    refused = run(app, ["tenants", "webhook", "reseal-secrets"], env=other)
+    assert refused.exit_code == 1 and "encryption_keys" in refused.output
