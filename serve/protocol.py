@@ -64,7 +64,9 @@ class ImageGenerationRequest(BaseModel):
     adapter: Text | None = Field(
         None,
         description="The tenant's brand adapter: `acme` (alias production), `acme@staging` "
-        "(an alias) or `acme:3` (a version). Unset renders the base model.",
+        "(an alias) or `acme:3` (a version). Unset renders the base model. While the brand "
+        "runs a canary, production renders use the champion or the challenger by a stable "
+        "hash of the render id; the response's `adapter` names the version used.",
     )
     adapter_scale: float | None = Field(
         None, description="Strength of the adapter, 0..max_adapter_scale (default 1; 0 = base)."
