@@ -295,8 +295,10 @@ def test_promote_then_drop_each_end_the_canary_in_one_call(brand: Brand) -> None
         assert c.delete(path).status_code == 404  # nothing left to drop
         assert c.post(f"{path}/promote").status_code == 404
         wait_for(lambda: brand.render(BRAND, c)["adapter"]["version"] == 2, 10, "the drop")
-        # No canary points at version 3 any more: archiving it is allowed now.
-        assert c.delete(f"/adapters/{BRAND}/versions/3").status_code == 200
+        # No canary points at version 3 any more: with staging moved off it too, it archives.
+        assert c.post(f"/adapters/{BRAND}/aliases/staging", json={"version": 2}).status_code == 200
+        r = c.delete(f"/adapters/{BRAND}/versions/3")
+        assert r.status_code == 200, r.text
     model = brand.registry.client.get_registered_model(f"{brand.tenant}.{BRAND}")
     assert CHALLENGER not in model.aliases and SHARE_TAG not in (model.tags or {})
     assert model.aliases[PRODUCTION] == "2"
