@@ -2,9 +2,10 @@
 
 A brand adapter is the registered model ``<tenant>.<brand>``; each fine-tune that succeeds adds a
 version carrying lineage tags (``LINEAGE_TAGS`` plus ``tenant``, ``brand`` and the weights'
-``sha256``) and takes the alias ``staging``. Promotion and rollback both move an alias. Every
-method takes the tenant and only ever builds ``<tenant>.*`` names, so one tenant can neither see
-nor touch another's adapters: a foreign brand is simply "not found", with the same message.
+``sha256``) and takes the alias ``staging``. Promotion and rollback both move an alias; a
+canary (`registry.canary`) is the alias ``challenger`` plus the model's share tag. Every method
+takes the tenant and only ever builds ``<tenant>.*`` names, so one tenant can neither see nor
+touch another's adapters: a foreign brand is simply "not found", with the same message.
 
 Logging uses ``mlflow.diffusers.log_model`` (the MLflow flavor for diffusers LoRA adapters), not
 the ``log_artifacts`` + ``create_model_version`` fallback, so each version is a real MLflow Model
