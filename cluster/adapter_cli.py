@@ -1,5 +1,6 @@
-"""`brandfarm adapters archive` (a tenant, over HTTP) and `brandfarm adapters expire-archived`
-(the operator: deletes the weights of versions archived longer than the retention)."""
+"""`brandfarm adapters archive` and `brandfarm adapters canary ...` (a tenant, over HTTP) and
+`brandfarm adapters expire-archived` (the operator: deletes the weights of versions archived
+longer than the retention)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cluster.stack import LocalStack
-from cluster.tenant_cli import ApiKey, _client, _ok, adapters_app, console
+from cluster.tenant_cli import ApiKey, _client, _get, _ok, adapters_app, console
 from registry.adapter_retention import expire_archived_adapters
 from registry.adapters import AdapterRegistry, RegistryError
 from registry.settings import load_settings
@@ -44,3 +45,57 @@ def adapters_expire_archived(
         f"{verb} the weights of {len(report.versions)} archived versions"
         + "".join(f"\n  {v}" for v in report.versions)
     )
+
+
+canary_app = typer.Typer(
+    help="A canary: production split between the champion and a challenger version.",
+    no_args_is_help=True,
+)
+adapters_app.add_typer(canary_app, name="canary")
+
+
+def _print_canary(c: dict) -> None:
+    champion, challenger = c["champion"] or {}, c["challenger"]
+    console.print(
+        f"{c['brand']} canary {c['status']}: challenger version {challenger['version']} at "
+        f"{c['share']:.0%} ({challenger['renders']} renders), champion version "
+        f"{champion.get('version', '-')} ({champion.get('renders', 0)} renders)"
+    )
+
+
+@canary_app.command("start")
+def canary_start(
+    brand: str,
+    version: int,
+    share: Annotated[
+        float, typer.Option(help="The challenger's share of production renders, 0..1.")
+    ] = 0.1,
+    api_key: ApiKey = None,
+) -> None:
+    """Send SHARE of BRAND's production renders to VERSION (or change a running canary)."""
+    with _client(api_key) as client:
+        c = _ok(client.put(f"/adapters/{brand}/canary", json={"version": version, "share": share}))
+    _print_canary(c)
+
+
+@canary_app.command("status")
+def canary_status(brand: str, api_key: ApiKey = None) -> None:
+    """BRAND's running canary, with each side's renders since it started."""
+    with _client(api_key) as client:
+        _print_canary(_get(client, f"/adapters/{brand}/canary"))
+
+
+@canary_app.command("promote")
+def canary_promote(brand: str, api_key: ApiKey = None) -> None:
+    """Make the challenger BRAND's production version and end the canary."""
+    with _client(api_key) as client:
+        c = _ok(client.post(f"/adapters/{brand}/canary/promote"))
+    console.print(f"{brand}@production → version {c['challenger']['version']}; canary ended")
+
+
+@canary_app.command("drop")
+def canary_drop(brand: str, api_key: ApiKey = None) -> None:
+    """End the canary: the champion keeps every production render."""
+    with _client(api_key) as client:
+        c = _ok(client.delete(f"/adapters/{brand}/canary"))
+    console.print(f"{brand} canary dropped; production stays version {c['champion']['version']}")

@@ -186,13 +186,14 @@ def adapters_list(api_key: ApiKey = None) -> None:
     """Brands with their versions, aliases and key tags."""
     with _client(api_key) as client:
         brands = _get(client, "/adapters")["data"]
-    table = Table("brand", "version", "aliases", "job", "steps", "rank")
+    table = Table("brand", "version", "aliases", "renders", "job", "steps", "rank")
     for b in brands:
         for v in b["versions"]:
             table.add_row(
                 b["brand"],
                 str(v["version"]),
                 ", ".join(v["aliases"]) or "-",
+                str(v.get("renders", "-")),
                 v["tags"].get("job_id", "-"),
                 v["tags"].get("steps", "-"),
                 v["tags"].get("rank", "-"),

@@ -2,9 +2,10 @@
 
 A brand adapter is the registered model ``<tenant>.<brand>``; each fine-tune that succeeds adds a
 version carrying lineage tags (``LINEAGE_TAGS`` plus ``tenant``, ``brand`` and the weights'
-``sha256``) and takes the alias ``staging``. Promotion and rollback both move an alias. Every
-method takes the tenant and only ever builds ``<tenant>.*`` names, so one tenant can neither see
-nor touch another's adapters: a foreign brand is simply "not found", with the same message.
+``sha256``) and takes the alias ``staging``. Promotion and rollback both move an alias; a
+canary (`registry.canary`) is the alias ``challenger`` plus the model's share tag. Every method
+takes the tenant and only ever builds ``<tenant>.*`` names, so one tenant can neither see nor
+touch another's adapters: a foreign brand is simply "not found", with the same message.
 
 Logging uses ``mlflow.diffusers.log_model`` (the MLflow flavor for diffusers LoRA adapters), not
 the ``log_artifacts`` + ``create_model_version`` fallback, so each version is a real MLflow Model
@@ -52,6 +53,7 @@ from registry.adapter_refs import (  # noqa: F401 - re-exported
     check_name,
     check_version,
 )
+from registry.canary import CHALLENGER, SHARE_TAG, STARTED_TAG, Canary
 
 T = TypeVar("T")
 
@@ -107,6 +109,14 @@ class AdapterInUse(RuntimeError):
 
 class AdapterArchived(RuntimeError):
     """The version is archived: no alias may point at it."""
+
+
+class CanaryConflict(RuntimeError):
+    """The brand's state does not allow the canary (no champion, or the challenger is it)."""
+
+
+class CanaryNotFound(LookupError):
+    """The brand runs no canary."""
 
 
 def registered_model_name(tenant: str, brand: str) -> str:
@@ -389,6 +399,69 @@ class AdapterRegistry:
         self._set_alias(name, STAGING, int(mv.version))
         return self.get(tenant, brand, int(mv.version))
 
+    # --- canary (registry.canary) ----------------------------------------------------------
+
+    def canary(self, tenant: str, brand: str) -> Canary | None:
+        """The brand's running canary, or None; `AdapterNotFound` if no such brand."""
+        model = self._model(tenant, brand)
+        return Canary.from_model(dict(model.aliases or {}), dict(model.tags or {}))
+
+    def start_canary(self, tenant: str, brand: str, version: int, share: float) -> Canary:
+        """Make ``version`` the challenger of ``production`` with ``share`` (0..1) of the
+        renders that name the brand's production alias; on a running canary this changes the
+        challenger, the share or both. `AdapterNotFound` for a missing brand or version,
+        `AdapterArchived` for an archived one, `CanaryConflict` without a production version or
+        when ``version`` is the production version."""
+        name = registered_model_name(tenant, brand)
+        Canary(check_version(version), share)  # ValueError for a bad share
+        # Check everything before writing, so a refused change leaves a running canary as is.
+        self._refuse_archived(self.get(tenant, brand, version), CHALLENGER)
+        model = self._model(tenant, brand)
+        champion = (model.aliases or {}).get(PRODUCTION)
+        if champion is None:
+            raise CanaryConflict(
+                f"adapter {brand!r} has no production version to run a canary against; "
+                "promote a version first"
+            )
+        if int(champion) == version:
+            raise CanaryConflict(
+                f"adapter {brand!r} version {version} is already production; choose another "
+                "version as the challenger"
+            )
+        running = Canary.from_model(dict(model.aliases or {}), dict(model.tags or {}))
+        started = running.started_at if running and running.challenger == version else None
+        # The share first: a new challenger alias then starts at the share asked for.
+        self._model_tag(name, SHARE_TAG, repr(float(share)))
+        if started is None:
+            started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            self._model_tag(name, STARTED_TAG, started)
+        self.set_alias(tenant, brand, CHALLENGER, version)
+        return Canary(version, float(share), started, int(champion))
+
+    def end_canary(self, tenant: str, brand: str) -> Canary:
+        """Remove the challenger (alias first, so renders stop using it at once) and the
+        canary's tags; returns the canary that ran. `CanaryNotFound` if none runs. Promoting
+        the challenger is `set_alias(production)` followed by this."""
+        name = registered_model_name(tenant, brand)
+        model = self._model(tenant, brand)
+        tags = dict(model.tags or {})
+        running = Canary.from_model(dict(model.aliases or {}), tags)
+        if running is None:
+            raise CanaryNotFound(f"adapter {brand!r} has no canary running")
+        self._mlflow(
+            f"delete alias {CHALLENGER} of {name}",
+            self.client.delete_registered_model_alias,
+            name,
+            CHALLENGER,
+        )
+        for key in (SHARE_TAG, STARTED_TAG):
+            if key in tags:
+                self._mlflow(f"untag {name}", self.client.delete_registered_model_tag, name, key)
+        return running
+
+    def _model_tag(self, name: str, key: str, value: str) -> None:
+        self._mlflow(f"tag {name}", self.client.set_registered_model_tag, name, key, value)
+
     # --- the weights file ------------------------------------------------------------------
 
     def download(self, version: AdapterVersion, dst_dir: str | Path) -> Path:
@@ -495,15 +568,19 @@ class AdapterRegistry:
             if not token:
                 return
 
-    def _aliases(self, tenant: str, brand: str) -> dict[int, tuple[str, ...]]:
-        """version -> its aliases; `AdapterNotFound` (one message for all) if no such brand."""
+    def _model(self, tenant: str, brand: str) -> Any:
+        """The brand's registered model; `AdapterNotFound` (one message for all) if none."""
         name = registered_model_name(tenant, brand)
-        model = self._mlflow(
+        return self._mlflow(
             f"get {name}",
             self.client.get_registered_model,
             name,
             missing=AdapterNotFound(f"no adapter {brand!r} for this tenant"),
         )
+
+    def _aliases(self, tenant: str, brand: str) -> dict[int, tuple[str, ...]]:
+        """version -> its aliases; `AdapterNotFound` (one message for all) if no such brand."""
+        model = self._model(tenant, brand)
         by_version: dict[int, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             by_version.setdefault(int(version), []).append(alias)

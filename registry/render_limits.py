@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from registry.sql_base import Base, utcnow
-from registry.tenants import RenderOrigin, RenderRow, TenantRow
+from registry.tenants import RenderOrigin, RenderRow, TenantRow, adapter_columns
 
 QUOTA_WINDOW = dt.timedelta(hours=1)
 
@@ -227,10 +227,11 @@ class RenderLimiter:
         images: int,
         base_model: str,
         origin: RenderOrigin | None = None,
+        adapter: tuple[str, int] | None = None,
     ) -> None:
         """The render succeeded: its slot and reservation become one usage row (`images`
-        images; `origin`: the stored render an edit started from), in one transaction, so usage
-        is counted exactly once."""
+        images; `origin`: the stored render an edit started from; `adapter`: the (brand,
+        version) it used), in one transaction, so usage is counted exactly once."""
         with self._writing() as s:
             self._drop(s, admission)
             s.add(
@@ -241,6 +242,7 @@ class RenderLimiter:
                     base_model=base_model,
                     created_at=self.clock(),
                     **(origin.describe() if origin else {}),
+                    **adapter_columns(adapter),
                 )
             )
         admission.ended = True

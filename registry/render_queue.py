@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from registry.sql_base import Base, utcnow
-from registry.tenants import RenderRow, TenantRow
+from registry.tenants import RenderRow, TenantRow, adapter_columns
 
 STATUSES = ("queued", "in_progress", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -212,11 +212,13 @@ class RenderQueueStore:
         weight: float,
         max_queued: int | None,
         webhook_url: str | None = None,
+        render_id: str | None = None,
     ) -> RenderTask:
         """Record a queued render with its fair-queuing tags; `QueueFull` when the tenant
-        already has `max_queued` unfinished renders (checked atomically with the insert)."""
+        already has `max_queued` unfinished renders (checked atomically with the insert).
+        `render_id` is the id the caller drew (a new one by default)."""
         tier = TIERS[priority]
-        render_id = f"render-{secrets.token_hex(12)}"
+        render_id = render_id or f"render-{secrets.token_hex(12)}"
         cost = float(images * steps)
         with Session(self.engine) as s, s.begin():
             if self.engine.dialect.name == "postgresql":
@@ -419,9 +421,17 @@ class RenderQueueStore:
             )
             return done.rowcount == 1
 
-    def succeed(self, render_id: str, owner: str, result: dict, base_model: str) -> bool:
+    def succeed(
+        self,
+        render_id: str,
+        owner: str,
+        result: dict,
+        base_model: str,
+        adapter: tuple[str, int] | None = None,
+    ) -> bool:
         """Record the result and charge the tenant's usage, in one transaction, if and only
-        if `owner` still holds the render; False otherwise (nothing is written then)."""
+        if `owner` still holds the render; False otherwise (nothing is written then).
+        `adapter` is the (brand, version) the render used."""
         with Session(self.engine) as s, s.begin():
             done = s.execute(
                 update(RenderTaskRow)
@@ -441,7 +451,11 @@ class RenderQueueStore:
             row = s.get(RenderTaskRow, render_id)
             s.add(
                 RenderRow(
-                    id=render_id, tenant_id=row.tenant_id, images=row.images, base_model=base_model
+                    id=render_id,
+                    tenant_id=row.tenant_id,
+                    images=row.images,
+                    base_model=base_model,
+                    **adapter_columns(adapter),
                 )
             )
             return True

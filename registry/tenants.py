@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -78,6 +79,26 @@ class RenderRow(Base):
     source_render: Mapped[str | None] = mapped_column(String(32), nullable=True)
     source_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     operation: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # The adapter version the render used (None: the base model): per-version render counts.
+    adapter_brand: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    __table_args__ = (Index("ix_renders_adapter", "tenant_id", "adapter_brand", "adapter_version"),)
+
+
+def adapter_columns(adapter: tuple[str, int] | None) -> dict[str, object]:
+    """A usage row's adapter columns for the (brand, version) a render used."""
+    if adapter is None:
+        return {}
+    return {"adapter_brand": adapter[0], "adapter_version": adapter[1]}
+
+
+@dataclass(frozen=True)
+class VersionUsage:
+    """Renders and images of one adapter version, from the usage rows (every ingress)."""
+
+    renders: int
+    images: int
 
 
 @dataclass(frozen=True)
@@ -309,6 +330,27 @@ class TenantDirectory:
             if row is None or row.operation is None:
                 return None
             return RenderOrigin(row.source_render, row.source_index, row.operation)
+
+    def adapter_usage(
+        self, tenant_id: str, since: dt.datetime | None = None
+    ) -> dict[tuple[str, int], VersionUsage]:
+        """(brand, version) -> the tenant's successful renders and images with that version,
+        since `since` (default: ever; usage rows outlive the images' retention)."""
+        when = [RenderRow.created_at >= since] if since is not None else []
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(
+                    RenderRow.adapter_brand,
+                    RenderRow.adapter_version,
+                    func.count(),
+                    func.coalesce(func.sum(RenderRow.images), 0),
+                )
+                .where(
+                    RenderRow.tenant_id == tenant_id, RenderRow.adapter_brand.is_not(None), *when
+                )
+                .group_by(RenderRow.adapter_brand, RenderRow.adapter_version)
+            ).all()
+        return {(b, int(v)): VersionUsage(int(n), int(i)) for b, v, n, i in rows}
 
     def count_renders(self, tenant_id: str | None = None) -> int:
         with Session(self.engine) as s:

@@ -1,14 +1,19 @@
-"""A tenant's brand adapters over HTTP: list versions with aliases, tags and metrics; move aliases.
+"""A tenant's brand adapters over HTTP: list versions with aliases, tags, metrics and render
+counts; move aliases; run a canary on the production alias.
 
 Promotion and rollback are the same call: point an alias (`production`, `staging`, ...) at a
-version. Serving reads aliases on the next request; nothing is redeployed.
+version. Serving reads aliases on the next request; nothing is redeployed. A canary
+(`registry.canary`) splits `production` between the champion and a challenger; promoting the
+challenger goes through that same alias call.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+
 from pydantic import BaseModel, Field
 
-from registry.adapter_refs import MAX_VERSION, check_alias, check_name
+from registry.adapter_refs import MAX_VERSION, PRODUCTION, check_alias, check_name
 from registry.adapters import (
     WEIGHTS_DELETED_TAG,
     AdapterArchived,
@@ -16,8 +21,12 @@ from registry.adapters import (
     AdapterNotFound,
     AdapterRegistry,
     AdapterVersion,
+    CanaryConflict,
+    CanaryNotFound,
     RegistryError,
 )
+from registry.canary import CHALLENGER, Canary
+from registry.tenants import TenantDirectory, VersionUsage
 from serve.errors import APIError, InvalidField, registry_unavailable
 from serve.io_pools import BlockingPool
 from serve.protocol import STRICT_BODY
@@ -33,8 +42,23 @@ class AliasRequest(BaseModel):
     )
 
 
-def version_object(v: AdapterVersion) -> dict:
-    return {
+class CanaryRequest(BaseModel):
+    model_config = STRICT_BODY
+    version: int = Field(
+        ge=1, le=MAX_VERSION, description="The challenger: a version other than production's."
+    )
+    share: float = Field(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="The challenger's share of the renders that name the production alias "
+        "(`acme`, `acme@production`), from 0 to 1: 0.1 sends about 10% to the challenger.",
+    )
+
+
+def version_object(v: AdapterVersion, usage: VersionUsage | None = None) -> dict:
+    """A version as the API shows it; `usage` adds its render counts (every ingress)."""
+    out = {
         "object": "adapter.version",
         "brand": v.brand,
         "version": v.version,
@@ -44,6 +68,42 @@ def version_object(v: AdapterVersion) -> dict:
         "created_at": int(v.created_at.timestamp()) if v.created_at else None,
         "archived_at": int(v.archived_at.timestamp()) if v.archived_at else None,
     }
+    if usage is not None:
+        out["renders"], out["images"] = usage.renders, usage.images
+    return out
+
+
+def canary_object(
+    brand: str, canary: Canary, status: str, usage: dict[tuple[str, int], VersionUsage]
+) -> dict:
+    """A canary as the API shows it, with each side's renders since the challenger started."""
+    none = VersionUsage(0, 0)
+
+    def side(version: int | None) -> dict | None:
+        if version is None:
+            return None
+        counts = usage.get((brand, version), none)
+        return {"version": version, "renders": counts.renders, "images": counts.images}
+
+    return {
+        "object": "adapter.canary",
+        "brand": brand,
+        "status": status,
+        "share": canary.share,
+        "started_at": int(_started(canary).timestamp()) if canary.started_at else None,
+        "champion": side(canary.champion),
+        "challenger": side(canary.challenger),
+    }
+
+
+def _started(canary: Canary) -> dt.datetime | None:
+    if not canary.started_at:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(canary.started_at)
+    except ValueError:  # a hand-set tag: no start to count from
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 #: The version tags that say where a version came from.
@@ -67,11 +127,26 @@ class AdapterService:
     """Every registry call runs on the registry's own thread pool, bounded by MLflow's client
     timeout; MLflow down or hung is a 503 `registry_unavailable`, never a 500."""
 
-    def __init__(self, registry: AdapterRegistry, pool: BlockingPool | None = None) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        pool: BlockingPool | None = None,
+        tenants: TenantDirectory | None = None,
+        db_pool: BlockingPool | None = None,
+    ) -> None:
         self.registry = registry
         self.pool = pool or BlockingPool("registry", 4)
+        #: Render counts per version come from the farm database's usage rows (none: no counts).
+        self.tenants = tenants
+        self.db_pool = db_pool or BlockingPool("db", 2)
 
-    def _list(self, tenant_id: str, include_archived: bool = False) -> dict:
+    def _list(
+        self,
+        tenant_id: str,
+        include_archived: bool,
+        usage: dict[tuple[str, int], VersionUsage] | None,
+    ) -> dict:
+        none = VersionUsage(0, 0)
         data = []
         for brand in self.registry.brands(tenant_id):
             versions = self.registry.versions(tenant_id, brand, include_archived)
@@ -79,13 +154,26 @@ class AdapterService:
                 {
                     "object": "adapter",
                     "brand": brand,
-                    "versions": [version_object(v) for v in versions],
+                    "versions": [
+                        version_object(
+                            v, None if usage is None else usage.get((brand, v.version), none)
+                        )
+                        for v in versions
+                    ],
                 }
             )
         return {"object": "list", "data": data}
 
+    async def _usage(
+        self, tenant_id: str, since: dt.datetime | None = None
+    ) -> dict[tuple[str, int], VersionUsage] | None:
+        if self.tenants is None:
+            return None
+        return await self.db_pool.run(self.tenants.adapter_usage, tenant_id, since)
+
     async def list(self, tenant_id: str, include_archived: bool = False) -> dict:
-        return await self._call("listing adapters", self._list, tenant_id, include_archived)
+        usage = await self._usage(tenant_id)
+        return await self._call("listing adapters", self._list, tenant_id, include_archived, usage)
 
     async def versions(self, tenant_id: str, brand: str, include_archived: bool) -> dict:
         _check_brand(brand)
@@ -122,6 +210,10 @@ class AdapterService:
             raise APIError(409, str(e), param="version", code="adapter_version_in_use") from None
         except AdapterArchived as e:
             raise APIError(409, str(e), param="version", code="adapter_version_archived") from None
+        except CanaryConflict as e:
+            raise APIError(409, str(e), param="version", code="canary_conflict") from None
+        except CanaryNotFound as e:
+            raise APIError(404, str(e), param="brand", code="canary_not_found") from None
         except RegistryError as e:
             log.error("%s failed: %s", what, e)
             raise registry_unavailable() from None
@@ -135,6 +227,12 @@ class AdapterService:
                 check()
             except ValueError as e:
                 raise InvalidField(param, str(e)) from None
+        if alias == CHALLENGER:
+            raise InvalidField(
+                "alias",
+                f"alias {CHALLENGER!r} is the canary's challenger: set it with "
+                f"PUT /v1/adapters/{brand}/canary",
+            )
         version = await self._call(
             f"setting alias {alias} of {brand}",
             self.registry.set_alias,
@@ -144,6 +242,61 @@ class AdapterService:
             req.version,
         )
         return version_object(version)
+
+    # --- canary ------------------------------------------------------------------------------
+
+    async def _canary_usage(self, tenant_id: str, canary: Canary) -> dict:
+        return await self._usage(tenant_id, _started(canary)) or {}
+
+    async def get_canary(self, tenant_id: str, brand: str) -> dict:
+        _check_brand(brand)
+        running = await self._call(
+            f"reading the canary of {brand}", self._running, tenant_id, brand
+        )
+        usage = await self._canary_usage(tenant_id, running)
+        return canary_object(brand, running, "running", usage)
+
+    async def start_canary(self, tenant_id: str, brand: str, req: CanaryRequest) -> dict:
+        _check_brand(brand)
+        started = await self._call(
+            f"starting a canary of {brand}",
+            self.registry.start_canary,
+            tenant_id,
+            brand,
+            req.version,
+            req.share,
+        )
+        usage = await self._canary_usage(tenant_id, started)
+        return canary_object(brand, started, "running", usage)
+
+    async def promote_canary(self, tenant_id: str, brand: str) -> dict:
+        """Point `production` at the challenger (the same call as any promotion, with its
+        checks), then end the canary. A refused promotion leaves the canary running."""
+        _check_brand(brand)
+        running = await self._call(
+            f"reading the canary of {brand}", self._running, tenant_id, brand
+        )
+        await self.set_alias(tenant_id, brand, PRODUCTION, AliasRequest(version=running.challenger))
+        await self._call(
+            f"ending the canary of {brand}", self.registry.end_canary, tenant_id, brand
+        )
+        usage = await self._canary_usage(tenant_id, running)
+        return canary_object(brand, running, "promoted", usage)
+
+    async def drop_canary(self, tenant_id: str, brand: str) -> dict:
+        """End the canary; the champion keeps `production` and every render."""
+        _check_brand(brand)
+        ended = await self._call(
+            f"ending the canary of {brand}", self.registry.end_canary, tenant_id, brand
+        )
+        usage = await self._canary_usage(tenant_id, ended)
+        return canary_object(brand, ended, "dropped", usage)
+
+    def _running(self, tenant_id: str, brand: str) -> Canary:
+        running = self.registry.canary(tenant_id, brand)
+        if running is None:
+            raise CanaryNotFound(f"adapter {brand!r} has no canary running")
+        return running
 
 
 def _check_brand(brand: str) -> None:

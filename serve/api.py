@@ -291,6 +291,9 @@ def create_api(services: ApiServices) -> FastAPI:
     from serve.adapter_versions_api import adapter_versions_router  # imports this module
 
     app.include_router(adapter_versions_router(services.adapters))
+    from serve.canary_api import canary_router  # imports this module
+
+    app.include_router(canary_router(services.adapters))
     if services.edits is not None:
         from serve.edits_api import edits_router  # it imports this module's dependencies
 

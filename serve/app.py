@@ -337,9 +337,27 @@ class Ingress:
             tag_keys=("tenant",),
         )
 
+        # Per adapter version, so a canary's champion and challenger can be compared live
+        # (this replica's counts; GET /v1/adapters has the durable ones of every replica).
+        adapter_renders = metrics.Counter(
+            "brandfarm_adapter_renders",
+            description="Successful render requests per adapter version, and whether the "
+            "version served as a canary's champion or challenger (`-` outside a canary).",
+            tag_keys=("tenant", "brand", "version", "canary"),
+        )
+
         def on_rendered(tenant: str, images: int, adapter: AdapterSpec | None) -> None:
             renders.inc(tags={"tenant": tenant})
             rendered_images.inc(images, tags={"tenant": tenant})
+            if adapter is not None:
+                adapter_renders.inc(
+                    tags={
+                        "tenant": tenant,
+                        "brand": adapter.brand,
+                        "version": str(adapter.version),
+                        "canary": adapter.canary or "-",
+                    }
+                )
 
         near_duplicates = metrics.Counter(
             "brandfarm_near_duplicates",

@@ -53,9 +53,12 @@ class Renderer(Protocol):
 
 
 class AdapterLookup(Protocol):
-    """Resolves a tenant's adapter reference (`serve.resolver.AdapterResolver`)."""
+    """Resolves a tenant's adapter reference (`serve.resolver.AdapterResolver`); `render_id`
+    picks the champion or challenger of a brand's canary."""
 
-    def resolve(self, tenant: str, ref: AdapterRef, scale: float) -> AdapterSpec: ...
+    def resolve(
+        self, tenant: str, ref: AdapterRef, scale: float, render_id: str | None = None
+    ) -> AdapterSpec: ...
 
 
 #: The lease of a service built without a limiter (tests, tools); the farm's is a setting.
@@ -89,6 +92,11 @@ def _refusal(e: AdmissionRefused) -> APIError:
 
 #: Called after each successful render with (tenant, images rendered, adapter or None).
 RenderObserver = Callable[[str, int, AdapterSpec | None], None]
+
+
+def used_version(adapter: AdapterSpec | None) -> tuple[str, int] | None:
+    """(brand, version) of the adapter a render used, as its usage row records it."""
+    return (adapter.brand, adapter.version) if adapter is not None else None
 
 
 class ImageService:
@@ -215,8 +223,11 @@ class ImageService:
             raise
         return keys
 
-    async def _resolve(self, tenant_id: str, req: ImageGenerationRequest) -> AdapterSpec | None:
-        """The concrete adapter version the request names (404 if the tenant has no such)."""
+    async def _resolve(
+        self, tenant_id: str, req: ImageGenerationRequest, render_id: str
+    ) -> AdapterSpec | None:
+        """The concrete adapter version render `render_id` uses for the adapter the request
+        names (404 if the tenant has no such); a canary splits by the render id."""
         parsed = self.limits.adapter(req)
         if parsed is None:
             return None
@@ -224,7 +235,9 @@ class ImageService:
             raise InvalidField("adapter", "this server renders the base model only")
         ref, scale = parsed
         try:
-            return await self.pools.registry.run(self.adapters.resolve, tenant_id, ref, scale)
+            return await self.pools.registry.run(
+                self.adapters.resolve, tenant_id, ref, scale, render_id
+            )
         except AdapterNotFound as e:
             raise APIError(404, str(e), param="adapter", code="adapter_not_found") from None
         except RegistryError as e:
@@ -276,14 +289,15 @@ class ImageService:
             await self.tenant_limits.check_stored_bytes(tenant_id)
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
         # queue more than its share of lookups on the registry's pool.
+        # The render id is drawn first: a canary assigns the render by it.
+        render_id = secrets.token_hex(12)
         async with self._slot(tenant_id, len(job.seeds)) as admission:
-            adapter = await self._resolve(tenant_id, req)
+            adapter = await self._resolve(tenant_id, req, render_id)
             job = dataclasses.replace(job, adapter=adapter)
             images = await self._render(job)
             near: list[dict | None] = [None] * len(images)
             if self.near_duplicates is not None:  # a block (422) stores and charges nothing
                 images, near = await self.near_duplicates.check(tenant_id, adapter, images)
-            render_id = secrets.token_hex(12)
             outputs = await self.encode_outputs(
                 tenant_id,
                 render_id,
@@ -298,7 +312,7 @@ class ImageService:
                 log.error("storing render %s failed: %s", render_id, e)
                 raise StorageUnavailable() from e
             await self.pools.db.run(
-                partial(self.limiter.commit, origin=origin),
+                partial(self.limiter.commit, origin=origin, adapter=used_version(adapter)),
                 admission,
                 render_id,
                 len(images),
@@ -332,14 +346,16 @@ class ImageService:
         )
 
     # --- shared with the render queue (serve.render_queue) --------------------------------------
-    async def prepare(self, tenant_id: str, req: ImageGenerationRequest) -> RenderJob:
+    async def prepare(
+        self, tenant_id: str, req: ImageGenerationRequest, render_id: str
+    ) -> RenderJob:
         """Every check of `generate` short of the in-flight slot (400, 403, 404), and the
-        resolved adapter version: the job to render. Nothing is written."""
+        adapter version render `render_id` uses: the job to render. Nothing is written."""
         job = self.limits.check(req)
         await self._moderate(tenant_id, req)
         if self.tenant_limits is not None:
             await self.tenant_limits.check_stored_bytes(tenant_id)
-        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req))
+        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req, render_id))
 
     async def store_images(
         self,

@@ -64,7 +64,9 @@ class ImageGenerationRequest(BaseModel):
     adapter: Text | None = Field(
         None,
         description="The tenant's brand adapter: `acme` (alias production), `acme@staging` "
-        "(an alias) or `acme:3` (a version). Unset renders the base model.",
+        "(an alias) or `acme:3` (a version). Unset renders the base model. While the brand "
+        "runs a canary, production renders use the champion or the challenger by a stable "
+        "hash of the render id; the response's `adapter` names the version used.",
     )
     adapter_scale: float | None = Field(
         None, description="Strength of the adapter, 0..max_adapter_scale (default 1; 0 = base)."
@@ -102,14 +104,20 @@ class AdapterSpec:
     weights_uri: str
     ref: str  # what the request named, e.g. "acme" or "acme@staging"
     dataset_sha256: str = ""  # of the version's training data (near-duplicate checks)
+    #: "champion" or "challenger" when `ref` named a production alias that runs a canary.
+    canary: str | None = None
 
     @property
     def model_id(self) -> str:
         return adapter_model_id(self.tenant, self.brand, self.version)
 
     def describe(self) -> dict:
-        """The `adapter` object of a render response."""
-        return {"ref": self.ref, "brand": self.brand, "version": self.version, "scale": self.scale}
+        """The `adapter` object of a render response: the version actually used, and during a
+        canary whether it was the champion or the challenger."""
+        out = {"ref": self.ref, "brand": self.brand, "version": self.version, "scale": self.scale}
+        if self.canary is not None:
+            out["canary"] = self.canary
+        return out
 
 
 def adapter_model_id(tenant: str, brand: str, version: int) -> str:

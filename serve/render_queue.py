@@ -33,7 +33,7 @@ from registry.render_queue import TERMINAL, QueueFull, RenderQueueStore, RenderT
 from registry.storage import StorageError
 from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, StorageUnavailable
-from serve.images import ImageService
+from serve.images import ImageService, used_version
 from serve.io_pools import BlockingPool
 from serve.protocol import (
     STRICT_BODY,
@@ -133,7 +133,9 @@ class RenderService:
         req = ImageGenerationRequest(
             **body.model_dump(exclude={"webhook_url", "priority"}, exclude_unset=True)
         )
-        job = await self.images.prepare(tenant_id, req)
+        # The render id is drawn before the adapter is resolved: a canary assigns by it.
+        render_id = f"render-{secrets.token_hex(12)}"
+        job = await self.images.prepare(tenant_id, req, render_id)
         await self._check_quota(tenant_id, len(job.seeds))
         cap = plan.max_queued if plan.max_queued is not None else self.max_queued
         request = {
@@ -153,6 +155,7 @@ class RenderService:
                 plan.weight,
                 cap,
                 webhook_url,
+                render_id,
             )
         except QueueFull as e:
             raise APIError(
@@ -499,7 +502,9 @@ class RenderDispatcher:
             ]
         }
         model = self.images.limits.model.id
-        won = await asyncio.to_thread(self.queue.succeed, task.id, self.owner, result, model)
+        won = await asyncio.to_thread(
+            self.queue.succeed, task.id, self.owner, result, model, used_version(job.adapter)
+        )
         if not won:  # cancelled meanwhile, or taken over: its images are no one's
             await asyncio.to_thread(self._discard, keys)
             return

@@ -12,6 +12,8 @@ returns an `AdapterSpec`: version, sha256 and weights location.
 - While MLflow cannot be reached, an alias's last answer keeps serving for up to `stale_s`
   seconds after it was fetched, so brands already in use keep rendering through a registry
   outage; a reference never resolved before gets the registry's error (503).
+- A `production` lookup also reads the brand's canary (`registry.canary`), cached with it: a
+  render then uses the champion or the challenger by a stable hash of its render id.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
-from registry.adapter_refs import AdapterRef
+from registry.adapter_refs import PRODUCTION, AdapterRef
 from registry.adapters import AdapterRegistry, RegistryError
+from registry.canary import Canary
 from serve.adapter_cache import AdapterLoadError
 from serve.protocol import AdapterSpec
 
@@ -49,13 +52,23 @@ class AdapterResolver:
         self._versions: LRUCache[tuple[str, str, int], tuple[str, str, str]] = LRUCache(
             _MAX_ENTRIES
         )
-        # (tenant, alias ref) -> (fetched at, version).
-        self._aliases: LRUCache[tuple[str, str], tuple[float, int]] = LRUCache(_MAX_ENTRIES)
+        # (tenant, alias ref) -> (fetched at, version, the canary of a production alias).
+        self._aliases: LRUCache[tuple[str, str], tuple[float, int, Canary | None]] = LRUCache(
+            _MAX_ENTRIES
+        )
         self._lock = threading.Lock()
 
-    def resolve(self, tenant: str, ref: AdapterRef, scale: float) -> AdapterSpec:
-        """The version `ref` names for `tenant` now (`AdapterNotFound`, `RegistryError`)."""
-        version = ref.version if ref.version is not None else self._alias_version(tenant, ref)
+    def resolve(
+        self, tenant: str, ref: AdapterRef, scale: float, render_id: str | None = None
+    ) -> AdapterSpec:
+        """The version `ref` names for `tenant` now (`AdapterNotFound`, `RegistryError`). While
+        the brand runs a canary, a `production` reference of render `render_id` gets the
+        champion or the challenger (`Canary.assign`); without a render id, the champion."""
+        version, canary, role = ref.version, None, None
+        if version is None:
+            version, canary = self._alias_version(tenant, ref)
+        if canary is not None and render_id is not None:
+            version, role = canary.assign(render_id, ref.brand, champion=version)
         key = (tenant, ref.brand, version)
         with self._lock:
             known = self._versions.get(key)
@@ -71,17 +84,19 @@ class AdapterResolver:
             weights_uri=uri,
             ref=str(ref),
             dataset_sha256=dataset_sha256,
+            canary=role,
         )
 
-    def _alias_version(self, tenant: str, ref: AdapterRef) -> int:
+    def _alias_version(self, tenant: str, ref: AdapterRef) -> tuple[int, Canary | None]:
         key = (tenant, str(ref))
         now = self.clock()
         with self._lock:
             hit = self._aliases.get(key)
         if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
+            return hit[1], hit[2]
         try:
             version, _ = self._lookup(tenant, ref)
+            canary = self.registry.canary(tenant, ref.brand) if ref.alias == PRODUCTION else None
         except RegistryError:
             if hit is None or now - hit[0] >= self.stale_s:
                 raise
@@ -93,10 +108,10 @@ class AdapterResolver:
                 hit[1],
                 now - hit[0],
             )
-            return hit[1]
+            return hit[1], hit[2]
         with self._lock:
-            self._aliases[key] = (now, version)
-        return version
+            self._aliases[key] = (now, version, canary)
+        return version, canary
 
     def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str, str]]:
         """Ask the registry; remember the version's immutable facts."""

@@ -123,7 +123,7 @@ def build_services(
             on_hashed=near_duplicates.forget,
         ),
         jobs=jobs,
-        adapters=AdapterService(registry, pools.registry),
+        adapters=AdapterService(registry, pools.registry, tenants, pools.db),
         max_request_bytes=settings.max_request_bytes,
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,

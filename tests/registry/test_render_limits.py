@@ -229,3 +229,32 @@ def test_a_reservation_without_a_slot_counts_against_the_quota_only(tenants):
     assert limiter.inflight("acme") == 0 and limiter.quota_used("acme") == 2
     with pytest.raises(AdmissionRefused):
         limiter.admit("acme", 2, max_inflight=None, slot=False)
+
+
+def test_usage_rows_count_renders_per_adapter_version_from_both_paths(tenants):
+    """Synchronous renders (`commit`) and queued ones (`RenderQueueStore.succeed`) both record
+    the adapter version they used; `adapter_usage` counts them per version, per tenant."""
+    from registry.render_queue import RenderQueueStore
+
+    clock = Clock(T0)
+    for name in ("acme", "globex"):
+        tenants.create_tenant(name)
+    limiter = limiter_for(tenants, clock)
+    for i, adapter in enumerate([("logo", 1), ("logo", 2), ("logo", 1), None]):
+        admission = limiter.admit("acme", 2, max_inflight=4)
+        limiter.commit(admission, f"sync-{i}", 2, "m", adapter=adapter)
+    admission = limiter.admit("globex", 1, max_inflight=4)
+    limiter.commit(admission, "other", 1, "m", adapter=("logo", 1))
+    queue = RenderQueueStore(tenants.engine)
+    queue.enqueue("acme", "fast", {"job": {}}, 3, 4, 1.0, None, render_id="render-q1")
+    [claimed] = queue.claim("d1", 60, 1)
+    assert claimed.id == "render-q1"  # the id the caller drew (a canary assigned by it)
+    assert queue.succeed(claimed.id, "d1", {"images": []}, "m", ("logo", 2))
+    usage = tenants.adapter_usage("acme")
+    assert {k: (u.renders, u.images) for k, u in usage.items()} == {
+        ("logo", 1): (2, 4),
+        ("logo", 2): (2, 5),
+    }
+    assert {k: u.renders for k, u in tenants.adapter_usage("globex").items()} == {("logo", 1): 1}
+    later = tenants.adapter_usage("acme", since=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    assert later == {}
