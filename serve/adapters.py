@@ -6,6 +6,8 @@ version. Serving reads aliases on the next request; nothing is redeployed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from pydantic import BaseModel, Field
 
 from registry.adapter_refs import MAX_VERSION, check_alias, check_name
@@ -67,9 +69,16 @@ class AdapterService:
     """Every registry call runs on the registry's own thread pool, bounded by MLflow's client
     timeout; MLflow down or hung is a 503 `registry_unavailable`, never a 500."""
 
-    def __init__(self, registry: AdapterRegistry, pool: BlockingPool | None = None) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        pool: BlockingPool | None = None,
+        on_alias_moved: Callable[[str, str, str], Awaitable[None]] | None = None,
+    ) -> None:
         self.registry = registry
         self.pool = pool or BlockingPool("registry", 4)
+        # (tenant, brand, source): drops cached alias answers on every ingress (serve.alias_events)
+        self.on_alias_moved = on_alias_moved
 
     def _list(self, tenant_id: str, include_archived: bool = False) -> dict:
         data = []
@@ -143,6 +152,8 @@ class AdapterService:
             alias,
             req.version,
         )
+        if self.on_alias_moved is not None:  # before answering: the next render sees it
+            await self.on_alias_moved(tenant_id, brand, "api")
         return version_object(version)
 
 

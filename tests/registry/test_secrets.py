@@ -18,6 +18,7 @@ SECRETS = {
     "database_url": "postgresql+psycopg://bf:db-password-distinctive-5d2@db.internal/bf",
     "mlflow_tracking_uri": "http://ml:mlflow-password-distinctive-91@mlflow.internal:5000",
     "mlflow_backend_uri": "postgresql://ml:backend-password-distinctive-3e@db.internal/ml",
+    "mlflow_webhook_secret": "webhook-secret-distinctive-0b7",
 }
 SECRET_VALUES = [
     "AKIA-distinctive-access-4711",
@@ -26,6 +27,7 @@ SECRET_VALUES = [
     "db-password-distinctive-5d2",
     "mlflow-password-distinctive-91",
     "backend-password-distinctive-3e",
+    "webhook-secret-distinctive-0b7",
 ]
 
 
