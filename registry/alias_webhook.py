@@ -58,10 +58,13 @@ def _webhooks(client: MlflowClient) -> list:
             return found
 
 
-def _ours(client: MlflowClient) -> list:
+def _ours(settings: Settings) -> tuple[MlflowClient, list]:
+    """A client of the farm's MLflow and the webhooks named `NAME` it holds."""
     try:
-        return [w for w in _webhooks(client) if w.name == NAME]
-    except (MlflowException, OSError) as e:
+        client = MlflowClient(settings.resolved_mlflow_uri, settings.resolved_mlflow_uri)
+        return client, [w for w in _webhooks(client) if w.name == NAME]
+    # A file store refuses at the client, an old server answers 404, a down one times out.
+    except Exception as e:  # noqa: BLE001 - every way of having no webhook API
         raise WebhookUnavailable(f"MLflow lists no webhooks ({type(e).__name__}: {e})") from None
 
 
@@ -69,15 +72,14 @@ def register(settings: Settings) -> str:
     """Create or update the farm's alias webhook; returns its id (`WebhookUnavailable`)."""
     if settings.mlflow_webhook_secret is None:
         raise WebhookUnavailable("no mlflow_webhook_secret to sign deliveries with")
-    client = MlflowClient(settings.resolved_mlflow_uri, settings.resolved_mlflow_uri)
     want = {
         "url": webhook_url(settings),
         "events": list(EVENTS),
         "secret": settings.mlflow_webhook_secret.get_secret_value(),
         "status": "ACTIVE",
     }
+    client, ours = _ours(settings)
     try:
-        ours = _ours(client)
         for extra in ours[1:]:  # one is enough: each would invalidate again
             client.delete_webhook(extra.webhook_id)
         if ours:
@@ -95,9 +97,8 @@ def problem(settings: Settings) -> str | None:
         return "alias_webhook is off"
     if settings.mlflow_webhook_secret is None:
         return "no mlflow_webhook_secret (set by `brandfarm up`)"
-    client = MlflowClient(settings.resolved_mlflow_uri, settings.resolved_mlflow_uri)
     try:
-        ours = _ours(client)
+        _, ours = _ours(settings)
     except WebhookUnavailable as e:
         return str(e)
     url = webhook_url(settings)
