@@ -10,6 +10,7 @@ path takes is bench/alias_update.py (no timed assertions here).
 from __future__ import annotations
 
 import json
+import stat
 import time
 import uuid
 
@@ -81,6 +82,8 @@ def au(farm, tmp_path_factory) -> Brand:
 
 def test_an_alias_moved_in_mlflow_is_served_by_the_first_render_after_its_webhook(au):
     assert au.alias_updates()["instant"] is True, au.alias_updates()
+    # The webhook's secret and MLflow's encryption key are credentials: 0600, like the others.
+    assert stat.S_IMODE(au.farm.stack.webhook_keys_file.stat().st_mode) == 0o600
     assert au.register("hot", seed=500) == 1
     assert au.register("hot", seed=501, alias=None) == 2
     assert au.served("hot") == 1  # the ingress now holds "hot@production → 1"
