@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from registry.alias_webhook import PATH as ALIAS_WEBHOOK_PATH
 from registry.base_models import BaseModelInfo
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -284,7 +285,6 @@ def create_api(services: ApiServices) -> FastAPI:
         return await services.adapters.set_alias(tenant, brand, alias, body)
 
     if services.alias_events is not None:
-        from registry.alias_webhook import PATH as ALIAS_WEBHOOK_PATH
 
         @app.post(ALIAS_WEBHOOK_PATH, responses=documented(), include_in_schema=False)
         async def mlflow_alias_event(request: Request) -> dict:
