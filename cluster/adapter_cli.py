@@ -1,6 +1,7 @@
-"""`brandfarm adapters archive` and `brandfarm adapters canary ...` (a tenant, over HTTP) and
+"""`brandfarm adapters archive` and `brandfarm adapters canary ...` (a tenant, over HTTP),
 `brandfarm adapters expire-archived` (the operator: deletes the weights of versions archived
-longer than the retention)."""
+longer than the retention) and `brandfarm adapters register-webhook` (the operator: MLflow's
+alias webhook)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 
 from cluster.stack import LocalStack
 from cluster.tenant_cli import ApiKey, _client, _get, _ok, adapters_app, console
+from registry import alias_webhook
 from registry.adapter_retention import expire_archived_adapters
 from registry.adapters import AdapterRegistry, RegistryError
 from registry.settings import load_settings
@@ -99,3 +101,20 @@ def canary_drop(brand: str, api_key: ApiKey = None) -> None:
     with _client(api_key) as client:
         c = _ok(client.delete(f"/adapters/{brand}/canary"))
     console.print(f"{brand} canary dropped; production stays version {c['champion']['version']}")
+
+
+@adapters_app.command("register-webhook")
+def adapters_register_webhook() -> None:
+    """Register (or repair) the MLflow alias webhook that makes promotions reach serving at once
+    (operator command; `brandfarm up` does it too). Where the farm runs without `up` (KubeRay),
+    run it once with the farm's settings and mlflow_webhook_secret."""
+    settings = LocalStack(load_settings()).resolved_settings()
+    try:
+        webhook_id = alias_webhook.register(settings)
+    except alias_webhook.WebhookUnavailable as e:
+        console.print(
+            f"[red]error:[/red] {e}; alias changes made outside the farm's API reach serving "
+            f"within adapter_resolve_ttl_s={settings.adapter_resolve_ttl_s:g}s"
+        )
+        raise typer.Exit(1) from e
+    console.print(f"MLflow webhook {webhook_id} → {alias_webhook.webhook_url(settings)}")

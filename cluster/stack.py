@@ -6,6 +6,7 @@ under the state directory; `down()` stops what `up` started (by recorded PIDs) a
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ from pydantic import SecretStr
 
 from cluster.processes import ManagedProcess, ProcessSpec, StackError
 from cluster.topology import Topology, alive_nodes, local_worker_resource, read_topology
+from registry import alias_webhook
 from registry.base_models import BaseModelInfo, ensure_base_model
 from registry.secret_box import new_key
 from registry.settings import Settings, child_env
@@ -154,12 +156,40 @@ class LocalStack:
             "encryption_keys"
         ]
 
+    @property
+    def webhook_keys_file(self) -> Path:
+        return self.state / "mlflow-webhook.json"
+
+    def _webhook_keys(self, create: bool) -> dict[str, str] | None:
+        """The alias webhook's signing secret and the Fernet key the embedded MLflow server
+        encrypts stored webhook secrets with (stable across restarts, or it could not read
+        them back); made once, 0600."""
+        if self.webhook_keys_file.exists():
+            return json.loads(self.webhook_keys_file.read_text())
+        if not create:
+            return None
+        self.state.mkdir(parents=True, exist_ok=True)
+        keys = {
+            "mlflow_webhook_secret": secrets.token_urlsafe(32),
+            "encryption_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+        }
+        fd = os.open(self.webhook_keys_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+        return keys
+
     def resolved_settings(self, create: bool = False) -> Settings:
-        """Settings with absolute paths, the farm key and the embedded store's credentials."""
+        """Settings with absolute paths, the farm key, the alias webhook's secret and the
+        embedded store's credentials."""
         settings = self.settings
         key = self.encryption_keys(create)
         if key is not None:
             settings = settings.model_copy(update={"encryption_keys": SecretStr(key)})
+        keys = self._webhook_keys(create)
+        if keys and settings.mlflow_webhook_secret is None:
+            settings = settings.model_copy(
+                update={"mlflow_webhook_secret": SecretStr(keys["mlflow_webhook_secret"])}
+            )
         if settings.s3_endpoint:
             return settings
         creds = self._embedded_credentials(create)
@@ -213,11 +243,28 @@ class LocalStack:
                 "AWS_ACCESS_KEY_ID": s.s3_access_key.get_secret_value(),
                 "AWS_SECRET_ACCESS_KEY": s.s3_secret_key.get_secret_value(),
                 "AWS_DEFAULT_REGION": s.s3_region,
+                **self._mlflow_webhook_env(s),
             }
         )
         probe = lambda: http_ok(f"{s.resolved_mlflow_uri}/health")  # noqa: E731
         spec = ProcessSpec("mlflow", argv, s.mlflow_port, "mlflow_port", probe, env=env)
         return ManagedProcess(spec, self.state, s.host)
+
+    def _mlflow_webhook_env(self, s: Settings) -> dict[str, str]:
+        """What the embedded MLflow server needs to deliver the farm's alias webhook: a stable
+        key for the stored secret, and leave to call the ingress over plain http on this
+        private interface (MLflow allows only public https URLs by default). Its webhook list
+        is cached for seconds, not a minute, so a webhook registered on a running server
+        takes effect at once."""
+        keys = self._webhook_keys(create=False)
+        if not s.alias_webhook or keys is None:
+            return {}
+        return {
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": keys["encryption_key"],
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        }
 
     def _ray(self, s: Settings) -> ManagedProcess:
         argv = [
@@ -408,6 +455,7 @@ class LocalStack:
             self.progress(f"starting {component.spec.name}{_where(component.spec)}")
             started = self._start(component, s)
             self.progress(f"{component.spec.name}: {'started' if started else 'already running'}")
+        self._register_alias_webhook(s)
         self.progress(f"base model {s.base_model}")
         model = self.base_model(s)
         if redeploy or not self._api_serves(s, model):
@@ -415,6 +463,20 @@ class LocalStack:
             self._deploy(s, model)
         self.progress(f"API answering at {s.api_url}")
         return s
+
+    def _register_alias_webhook(self, s: Settings) -> None:
+        """MLflow's alias webhook (idempotent); without it alias changes made outside the
+        farm's API wait for adapter_resolve_ttl_s (the ingress says so in /healthz)."""
+        if not s.alias_webhook:
+            return
+        try:
+            alias_webhook.register(s)
+            self.progress(f"MLflow alias webhook → {alias_webhook.webhook_url(s)}")
+        except alias_webhook.WebhookUnavailable as e:
+            self.progress(
+                f"MLflow alias webhook unavailable ({e}); alias changes reach serving within "
+                f"adapter_resolve_ttl_s={s.adapter_resolve_ttl_s:g}s"
+            )
 
     def _api_serves(self, s: Settings, model: BaseModelInfo) -> bool:
         try:

@@ -6,7 +6,8 @@ migrated database and the models agree. Add a table module here when you add one
 
 from __future__ import annotations
 
-import registry.content_policy  # noqa: F401 - registers its tables
+import registry.alias_events  # noqa: F401 - registers its tables
+import registry.content_policy  # noqa: F401
 import registry.files  # noqa: F401
 import registry.jobs  # noqa: F401
 import registry.near_duplicates  # noqa: F401

@@ -10,6 +10,7 @@ challenger goes through that same alias call.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
@@ -133,12 +134,15 @@ class AdapterService:
         pool: BlockingPool | None = None,
         tenants: TenantDirectory | None = None,
         db_pool: BlockingPool | None = None,
+        on_alias_moved: Callable[[str, str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool or BlockingPool("registry", 4)
         #: Render counts per version come from the farm database's usage rows (none: no counts).
         self.tenants = tenants
         self.db_pool = db_pool or BlockingPool("db", 2)
+        # (tenant, brand, source): drops cached alias answers on every ingress (serve.alias_events)
+        self.on_alias_moved = on_alias_moved
 
     def _list(
         self,
@@ -241,7 +245,15 @@ class AdapterService:
             alias,
             req.version,
         )
+        await self._moved(tenant_id, brand)
         return version_object(version)
+
+    async def _moved(self, tenant_id: str, brand: str) -> None:
+        """An alias or the canary moved: drop cached answers on every ingress before answering,
+        so the next render sees it (a canary's share is a model tag, which MLflow's alias
+        webhook does not report)."""
+        if self.on_alias_moved is not None:
+            await self.on_alias_moved(tenant_id, brand, "api")
 
     # --- canary ------------------------------------------------------------------------------
 
@@ -266,6 +278,7 @@ class AdapterService:
             req.version,
             req.share,
         )
+        await self._moved(tenant_id, brand)
         usage = await self._canary_usage(tenant_id, started)
         return canary_object(brand, started, "running", usage)
 
@@ -280,6 +293,7 @@ class AdapterService:
         await self._call(
             f"ending the canary of {brand}", self.registry.end_canary, tenant_id, brand
         )
+        await self._moved(tenant_id, brand)
         usage = await self._canary_usage(tenant_id, running)
         return canary_object(brand, running, "promoted", usage)
 
@@ -289,6 +303,7 @@ class AdapterService:
         ended = await self._call(
             f"ending the canary of {brand}", self.registry.end_canary, tenant_id, brand
         )
+        await self._moved(tenant_id, brand)
         usage = await self._canary_usage(tenant_id, ended)
         return canary_object(brand, ended, "dropped", usage)
 

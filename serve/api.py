@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from registry.alias_webhook import PATH as ALIAS_WEBHOOK_PATH
 from registry.base_models import BaseModelInfo
 from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
@@ -30,6 +31,7 @@ from serve.protocol import ImageGenerationRequest, Text
 from serve.webhooks import WebhookService
 
 if TYPE_CHECKING:
+    from serve.alias_events import AliasEvents
     from serve.render_queue import RenderService
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class ApiServices:
     webhooks: WebhookService | None = None  # the /v1/webhooks routes (serve.webhooks_api)
     renders: RenderService | None = None  # async renders (/v1/renders), where the farm has them
     edits: EditService | None = None  # edits, variations, render operations, interpolations
+    alias_events: AliasEvents | None = None  # instant alias updates (MLflow's webhook route)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -182,7 +185,10 @@ def create_api(services: ApiServices) -> FastAPI:
     def healthz() -> JSONResponse:
         if not services.store.ping():
             return error_response(503, "object store unreachable", None, "storage_unavailable")
-        return JSONResponse({"status": "ok", "model": services.model.id})
+        body = {"status": "ok", "model": services.model.id}
+        if services.alias_events is not None:
+            body["alias_updates"] = services.alias_events.status()
+        return JSONResponse(body)
 
     @app.get("/v1/models", responses=documented())
     def list_models(_: Tenant) -> dict:
@@ -277,6 +283,14 @@ def create_api(services: ApiServices) -> FastAPI:
     @app.post("/v1/adapters/{brand}/aliases/{alias}", responses=documented(404, 409, 503))
     async def set_adapter_alias(brand: str, alias: str, body: AliasRequest, tenant: Tenant) -> dict:
         return await services.adapters.set_alias(tenant, brand, alias, body)
+
+    if services.alias_events is not None:
+
+        @app.post(ALIAS_WEBHOOK_PATH, responses=documented(), include_in_schema=False)
+        async def mlflow_alias_event(request: Request) -> dict:
+            """MLflow's registry webhook (signed, no API key): an alias moved."""
+            body = await request.body()
+            return await services.alias_events.webhook(dict(request.headers), body)
 
     if services.moderation is not None:
         app.include_router(moderation_router(services.moderation))

@@ -9,6 +9,8 @@ returns an `AdapterSpec`: version, sha256 and weights location.
   (size-bounded): a render by explicit version needs MLflow only the first time.
 - Alias lookups are reused for `ttl_s` seconds, so a promotion or rollback reaches serving within
   the TTL without a redeploy. "Not found" is never cached, so a new brand is usable at once.
+  `invalidate(tenant, brand)` drops a brand's alias answers at once (`serve.alias_events`: the
+  farm's alias API and MLflow's alias webhook call it), so the TTL only matters without them.
 - While MLflow cannot be reached, an alias's last answer keeps serving for up to `stale_s`
   seconds after it was fetched, so brands already in use keep rendering through a registry
   outage; a reference never resolved before gets the registry's error (503).
@@ -52,11 +54,27 @@ class AdapterResolver:
         self._versions: LRUCache[tuple[str, str, int], tuple[str, str, str]] = LRUCache(
             _MAX_ENTRIES
         )
-        # (tenant, alias ref) -> (fetched at, version, the canary of a production alias).
-        self._aliases: LRUCache[tuple[str, str], tuple[float, int, Canary | None]] = LRUCache(
+        # (tenant, brand, alias ref) -> (fetched at, version, the canary of a production alias).
+        self._aliases: LRUCache[tuple[str, str, str], tuple[float, int, Canary | None]] = LRUCache(
             _MAX_ENTRIES
         )
+        # Bumped by every invalidation: a lookup that raced one does not store its answer.
+        self._generation = 0
         self._lock = threading.Lock()
+
+    def invalidate(self, tenant: str, brand: str) -> None:
+        """Forget the alias answers (canary included) of `tenant`'s `brand`: the next request
+        asks MLflow."""
+        with self._lock:
+            self._generation += 1
+            for key in [k for k in self._aliases if k[0] == tenant and k[1] == brand]:
+                del self._aliases[key]
+
+    def invalidate_all(self) -> None:
+        """Forget every alias answer (events were missed: a poller fell too far behind)."""
+        with self._lock:
+            self._generation += 1
+            self._aliases.clear()
 
     def resolve(
         self, tenant: str, ref: AdapterRef, scale: float, render_id: str | None = None
@@ -88,10 +106,11 @@ class AdapterResolver:
         )
 
     def _alias_version(self, tenant: str, ref: AdapterRef) -> tuple[int, Canary | None]:
-        key = (tenant, str(ref))
+        key = (tenant, ref.brand, str(ref))
         now = self.clock()
         with self._lock:
             hit = self._aliases.get(key)
+            generation = self._generation
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1], hit[2]
         try:
@@ -110,7 +129,8 @@ class AdapterResolver:
             )
             return hit[1], hit[2]
         with self._lock:
-            self._aliases[key] = (now, version, canary)
+            if generation == self._generation:  # else an alias moved during the lookup
+                self._aliases[key] = (now, version, canary)
         return version, canary
 
     def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str, str]]:

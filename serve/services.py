@@ -11,6 +11,7 @@ from finetune.datasets import DatasetLimits
 from finetune.job import discard_job_objects
 from finetune.launcher import JobLauncher
 from registry.adapters import AdapterRegistry
+from registry.alias_events import AliasEventLog
 from registry.base_models import BaseModelInfo
 from registry.content_policy import ContentPolicy, PolicyStore, load_policy_file
 from registry.db import make_engine
@@ -27,6 +28,7 @@ from registry.storage import ObjectStore
 from registry.tenants import TenantDirectory
 from registry.webhooks import WebhookStore
 from serve.adapters import AdapterService
+from serve.alias_events import AliasEvents
 from serve.api import ApiServices
 from serve.canvas import UploadLimits
 from serve.edits import EditService
@@ -73,6 +75,10 @@ def build_services(
         settings.content_policy_cache_ttl_s,
     )
     hashes = ImageHashIndex(engine)
+    resolver = AdapterResolver(
+        registry, settings.adapter_resolve_ttl_s, settings.adapter_stale_serve_s
+    )
+    alias_events = AliasEvents(resolver, AliasEventLog(engine), settings, pools.db)
     near_duplicates = NearDuplicateService(hashes, moderation, pools.db, on_near_duplicate)
     images = ImageService(
         limits=RenderLimits.from_settings(settings, model),
@@ -81,9 +87,7 @@ def build_services(
         tenants=tenants,
         presign_expiry_s=settings.presign_expiry_s,
         max_inflight_per_tenant=settings.max_inflight_per_tenant,
-        adapters=AdapterResolver(
-            registry, settings.adapter_resolve_ttl_s, settings.adapter_stale_serve_s
-        ),
+        adapters=resolver,
         on_rendered=on_rendered,
         tenant_limits=guard,
         pools=pools,
@@ -123,7 +127,10 @@ def build_services(
             on_hashed=near_duplicates.forget,
         ),
         jobs=jobs,
-        adapters=AdapterService(registry, pools.registry, tenants, pools.db),
+        adapters=AdapterService(
+            registry, pools.registry, tenants, pools.db, on_alias_moved=alias_events.changed
+        ),
+        alias_events=alias_events,
         max_request_bytes=settings.max_request_bytes,
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
@@ -159,7 +166,7 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
     Ray jobs, the outbox gets submitted), the render-retention sweeper, the webhook
     dispatcher and the render queue's
-    dispatcher. Returns a stop."""
+    dispatcher, and the alias event poller. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
     _seal_webhook_secrets(services.webhooks.store)
@@ -178,6 +185,7 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
         on_ended=lambda job: discard_job_objects(store, job),
     ).start()
     webhooks_stop = WebhookDispatcher(services.webhooks.store, settings).start()
+    alias_events_stop = services.alias_events.start() if services.alias_events else None
 
     renders = services.renders
     dispatcher_stop = RenderDispatcher(
@@ -193,6 +201,8 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
 
     def stop() -> None:
         webhooks_stop.set()
+        if alias_events_stop is not None:
+            alias_events_stop.set()
         reconciler_stop.set()
         sweeper.stop()
         dispatcher_stop()

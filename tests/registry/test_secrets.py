@@ -19,6 +19,7 @@ SECRETS = {
     "mlflow_tracking_uri": "http://ml:mlflow-password-distinctive-91@mlflow.internal:5000",
     "mlflow_backend_uri": "postgresql://ml:backend-password-distinctive-3e@db.internal/ml",
     "encryption_keys": "Zm9vLWRpc3RpbmN0aXZlLWZhcm0ta2V5LTYzYTEtMDA=",
+    "mlflow_webhook_secret": "webhook-secret-distinctive-0b7",
 }
 SECRET_VALUES = [
     "AKIA-distinctive-access-4711",
@@ -28,6 +29,7 @@ SECRET_VALUES = [
     "mlflow-password-distinctive-91",
     "backend-password-distinctive-3e",
     "Zm9vLWRpc3RpbmN0aXZlLWZhcm0ta2V5LTYzYTEtMDA=",
+    "webhook-secret-distinctive-0b7",
 ]
 
 
