@@ -139,8 +139,8 @@ def build_services(
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
     Ray jobs, the outbox gets submitted), the render-retention sweeper, the webhook
-    dispatcher and the render queue's
-    dispatcher. Returns a stop."""
+    dispatcher and the render queue's dispatcher, which synchronous renders then wait on for
+    their turn. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
     sweeper = RetentionSweeper(
@@ -160,7 +160,7 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
     webhooks_stop = WebhookDispatcher(services.webhooks.store, settings).start()
 
     renders = services.renders
-    dispatcher_stop = RenderDispatcher(
+    dispatcher = RenderDispatcher(
         renders.queue,
         services.images,
         services.images.renderer,
@@ -169,9 +169,13 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
         lease_s=settings.render_queue_lease_s,
         max_attempts=settings.render_max_attempts,
         poll_s=settings.render_queue_poll_s,
-    ).start()
+    )
+    dispatcher_stop = dispatcher.start()
+    # Synchronous renders wait for their turn in the same fair order as async ones.
+    services.images.scheduler = dispatcher
 
     def stop() -> None:
+        services.images.scheduler = None
         webhooks_stop.set()
         reconciler_stop.set()
         sweeper.stop()
