@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -18,7 +17,10 @@ from serve.render_queue import RenderDispatcher
 from tests.polling import async_wait_for, wait_for
 from tests.registry.conftest import sql_engine  # noqa: F401 - the SQLite / Postgres fixture
 from tests.serve.conftest import client
-from tests.serve.test_renders_api import TINY, TINY_PNG, farm_parts, run  # noqa: F401
+from tests.serve import test_renders_api
+from tests.serve.test_renders_api import TINY, TINY_PNG, run
+
+farm_parts = test_renders_api.farm_parts  # the fixture: services, event recorder, dispatchers
 
 GENERATIONS = "/v1/images/generations"
 RENDERS = "/v1/renders"
