@@ -16,8 +16,8 @@ from serve.protocol import RenderedImage, RenderJob
 from serve.render_queue import RenderDispatcher
 from tests.polling import async_wait_for, wait_for
 from tests.registry.conftest import sql_engine  # noqa: F401 - the SQLite / Postgres fixture
-from tests.serve.conftest import client
 from tests.serve import test_renders_api
+from tests.serve.conftest import client
 from tests.serve.test_renders_api import TINY, TINY_PNG, run
 
 farm_parts = test_renders_api.farm_parts  # the fixture: services, event recorder, dispatchers
