@@ -453,7 +453,9 @@ class RenderQueueStore:
                 )
                 if done.rowcount == 1:
                     won.append(render_id)
-        return [self.get_any(i) for i in won]
+            rows = s.scalars(select(c).where(c.id.in_(won))).all() if won else []
+            order = {render_id: i for i, render_id in enumerate(won)}
+            return sorted((RenderTask.of(r) for r in rows), key=lambda t: order[t.id])
 
     def _held(self, render_id: str, owner: str):  # noqa: ANN202 - a SQL expression
         c = RenderTaskRow

@@ -38,7 +38,14 @@ from typing import Literal, Protocol
 from pydantic import Field
 
 from registry.render_limits import AdmissionRefused
-from registry.render_queue import TERMINAL, QueueFull, RenderQueueStore, RenderTask, RoomCheck
+from registry.render_queue import (
+    TERMINAL,
+    QueueFull,
+    RenderPlan,
+    RenderQueueStore,
+    RenderTask,
+    RoomCheck,
+)
 from registry.storage import StorageError
 from serve.adapter_cache import AdapterLoadError
 from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
@@ -60,6 +67,8 @@ _plain_log = logging.getLogger(__name__)
 #: `emit(tenant_id, event_type, data, webhook_url)`: called once per terminal change.
 EventSink = Callable[[str, str, dict, str | None], None]
 MAX_WEBHOOK_URL = 2048
+#: How long a dispatcher reuses a tenant's render plan for its synchronous renders.
+PLAN_TTL_S = 5.0
 
 
 def log_event(tenant_id: str, event_type: str, data: dict, webhook_url: str | None) -> None:
@@ -365,6 +374,8 @@ class RenderDispatcher:
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._granted: set[str] = set()
+        self._closing: set[asyncio.Future] = set()  # tickets being closed (kept referenced)
+        self._plans: dict[str, tuple[float, RenderPlan]] = {}
 
     # --- running --------------------------------------------------------------------------------
     def start(self) -> Callable[[], None]:
@@ -449,7 +460,7 @@ class RenderDispatcher:
         outcome, code = "failed", None
         try:
             db = self.service.db
-            plan = await db.run(self.queue.plan, tenant_id, self.service.default_plan)
+            plan = await self._plan(tenant_id)
             await db.run(
                 partial(
                     self.queue.enqueue,
@@ -479,12 +490,28 @@ class RenderDispatcher:
             with self._lock:
                 self._waiting.pop(render_id, None)
             self._call(self._turn_done, render_id)
-            with contextlib.suppress(Exception):  # its lease ends it otherwise
-                await asyncio.shield(
-                    self.service.db.run(
-                        self.queue.finish_sync, render_id, self.owner, outcome, code
-                    )
-                )
+            # Off the answer's path: the request does not wait for its ticket's end (its
+            # lease would end it, should this write fail).
+            closing = asyncio.ensure_future(
+                self.service.db.run(self.queue.finish_sync, render_id, self.owner, outcome, code)
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future) -> None:
+        self._closing.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            _plain_log.warning("closing a sync ticket failed: %s", closing.exception())
+
+    async def _plan(self, tenant_id: str) -> RenderPlan:
+        """The tenant's render plan, reused for `PLAN_TTL_S` (plans change by hand, rarely):
+        a synchronous render does not pay a read for it each time."""
+        cached = self._plans.get(tenant_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        plan = await self.service.db.run(self.queue.plan, tenant_id, self.service.default_plan)
+        self._plans[tenant_id] = (time.monotonic() + PLAN_TTL_S, plan)
+        return plan
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         """Run `fn(*args)` on the dispatcher's loop (from any thread)."""

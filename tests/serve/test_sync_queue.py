@@ -75,7 +75,8 @@ def test_a_sync_render_takes_its_turn_and_answers_as_before(farm_parts) -> None:
     assert [d["seed"] for d in body["data"]] == [3, 4] and body["data"][0]["url"]
     assert body["model"] == services.images.limits.model.id
     # Its ticket went through the queue and ended with the request; it is no async render.
-    assert tickets(services, "sync-co") == tickets(services, "sync-co", "succeeded") == 1
+    assert tickets(services, "sync-co") == 1
+    wait_for(lambda: tickets(services, "sync-co", "succeeded") == 1, 30, "its ticket closes")
     assert listed["data"] == [] and recorder.events == []
     assert services.tenants.count_renders("sync-co") == 1  # charged once, by the request
 
