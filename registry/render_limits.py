@@ -173,8 +173,10 @@ class RenderLimiter:
 
     def room(self, s: Session, tenant_id: str, max_inflight: int | None) -> int | None:
         """How many more renders the tenant may start now under its in-flight cap (its own
-        `max_inflight_renders`, else `max_inflight`; None: no cap). A `RoomCheck` for claims."""
-        tenant = s.get(TenantRow, tenant_id)
+        `max_inflight_renders`, else `max_inflight`; None: no cap). A `RoomCheck` for claims:
+        on Postgres it takes the tenant's row lock, so a claim and an admission of the same
+        tenant count one after the other."""
+        tenant = s.scalar(select(TenantRow).where(TenantRow.id == tenant_id).with_for_update())
         cap = tenant.max_inflight_renders if tenant is not None else None
         cap = max_inflight if cap is None else cap
         if cap is None:
