@@ -6,7 +6,8 @@ Ray Serve; one replica) in a temporary folder, base model, measured in one run:
   (the dispatcher keeps `render_queue_concurrency` = `--concurrency` in flight); images/s and the
   ratio (the issue's target: >= 0.95x);
 - enqueue-to-start overhead: `started_at - created_at` of lone renders on an idle farm
-  (median of `--lone`), and a lone render's time to a result on each path;
+  (median of `--lone`), for async renders and for the tickets synchronous requests take in the
+  same queue, and a lone render's time to a result on each path;
 - fairness: tenant A queues `--burst` renders, then tenant B queues 5; after how many finished
   renders B's last one finished, against the issue's bound 2 x (5 + concurrency).
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -31,7 +34,7 @@ from bench.hotswap import PROMPT  # noqa: E402
 from cluster.processes import free_ports  # noqa: E402
 from cluster.stack import LocalStack  # noqa: E402
 from registry.db import make_engine  # noqa: E402
-from registry.render_queue import RenderQueueStore  # noqa: E402
+from registry.render_queue import RenderQueueStore, RenderTaskRow  # noqa: E402
 from registry.settings import Settings  # noqa: E402
 from registry.tenants import TenantDirectory  # noqa: E402
 
@@ -76,6 +79,19 @@ def wait_all(queue: RenderQueueStore, ids: list[str], timeout_s: float = 900) ->
         time.sleep(0.1)
 
 
+def latest_ticket_wait(engine: sa.Engine, tenant: str) -> float:
+    """Enqueue-to-start of the tenant's latest synchronous request's ticket, in seconds."""
+    c = RenderTaskRow
+    with Session(engine) as s:
+        created, started = s.execute(
+            sa.select(c.created_at, c.started_at)
+            .where(c.tenant_id == tenant, c.sync.is_(True))
+            .order_by(c.created_at.desc())
+            .limit(1)
+        ).one()
+    return (started - created).total_seconds()
+
+
 def main() -> None:
     args = parse_args()
     c = args.concurrency
@@ -113,11 +129,12 @@ def main() -> None:
             queue_rate = n / (last.timestamp() - started)
 
             # Enqueue-to-start and lone-render latency on an idle farm.
-            overheads, lone_queue, lone_sync = [], [], []
+            overheads, sync_overheads, lone_queue, lone_sync = [], [], [], []
             for i in range(args.lone):
                 t0 = time.perf_counter()
                 client.sync(1000 + i, steps)
                 lone_sync.append(time.perf_counter() - t0)
+                sync_overheads.append(latest_ticket_wait(engine, "bench-q"))
                 t0 = time.perf_counter()
                 [task] = wait_all(queue, [client.enqueue(1000 + i, steps)])
                 lone_queue.append(time.perf_counter() - t0)
@@ -149,7 +166,8 @@ def main() -> None:
     )
     print(
         f"enqueue-to-start (idle farm, median of {args.lone}): "
-        f"{statistics.median(overheads) * 1000:.0f} ms; lone render to result: "
+        f"async {statistics.median(overheads) * 1000:.0f} ms, sync ticket "
+        f"{statistics.median(sync_overheads) * 1000:.0f} ms; lone render to result: "
         f"sync {statistics.median(lone_sync) * 1000:.0f} ms, "
         f"queue {statistics.median(lone_queue) * 1000:.0f} ms"
     )

@@ -13,6 +13,11 @@ lease runs out: an ingress that crashed mid-render leaks nothing for longer than
 Holders renew the lease while they work (`renew`), so a long render keeps what it holds.
 Times are the ingress's clock (as for the usage rows), so the replicas' clocks should agree
 to well within a lease.
+
+Async renders (`registry.render_queue`) count in the same totals without rows of their own: an
+unfinished one reserves its images from the hourly quota (checked when it is queued, under the
+same lock: `check_quota`), and one in progress holds one of the tenant's in-flight renders (the
+dispatcher claims only with room: `room`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, func, sele
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from registry.render_queue import rendering, unfinished_images
 from registry.sql_base import Base, utcnow
 from registry.tenants import RenderOrigin, RenderRow, TenantRow, adapter_columns
 
@@ -128,12 +134,13 @@ class RenderLimiter:
 
     @staticmethod
     def _slots_held(s: Session, tenant_id: str, now: dt.datetime) -> int:
+        """Live slots (synchronous requests) plus async renders in progress."""
         n = s.scalar(
             select(func.count())
             .select_from(RenderSlotRow)
             .where(RenderSlotRow.tenant_id == tenant_id, RenderSlotRow.expires_at > now)
         )
-        return int(n or 0)
+        return int(n or 0) + int(s.scalar(rendering(tenant_id)) or 0)
 
     @staticmethod
     def _quota_used(s: Session, tenant_id: str, now: dt.datetime) -> int:
@@ -148,7 +155,33 @@ class RenderLimiter:
                 QuotaReservationRow.tenant_id == tenant_id, QuotaReservationRow.expires_at > now
             )
         )
-        return int(rendered or 0) + int(reserved or 0)
+        queued = s.scalar(unfinished_images(tenant_id))
+        return int(rendered or 0) + int(reserved or 0) + int(queued or 0)
+
+    def check_quota(self, s: Session, tenant_id: str, images: int, render_id: str) -> None:
+        """An `EnqueueCheck` for async renders: refuse the queued render `render_id` (already
+        written in `s`, the tenant locked) if its `images` take the tenant over its hourly
+        quota. Its row is the reservation: nothing else is written."""
+        tenant = s.get(TenantRow, tenant_id)
+        if tenant is None:
+            raise KeyError(tenant_id)
+        if tenant.images_per_hour is None:
+            return
+        used = self._quota_used(s, tenant_id, self.clock())  # the new row included
+        if used > tenant.images_per_hour:
+            raise AdmissionRefused("images_per_hour", tenant.images_per_hour, used - images, images)
+
+    def room(self, s: Session, tenant_id: str, max_inflight: int | None) -> int | None:
+        """How many more renders the tenant may start now under its in-flight cap (its own
+        `max_inflight_renders`, else `max_inflight`; None: no cap). A `RoomCheck` for claims:
+        on Postgres it takes the tenant's row lock, so a claim and an admission of the same
+        tenant count one after the other."""
+        tenant = s.scalar(select(TenantRow).where(TenantRow.id == tenant_id).with_for_update())
+        cap = tenant.max_inflight_renders if tenant is not None else None
+        cap = max_inflight if cap is None else cap
+        if cap is None:
+            return None
+        return cap - self._slots_held(s, tenant_id, self.clock())
 
     def admit(
         self, tenant_id: str, images: int, max_inflight: int | None, slot: bool = True

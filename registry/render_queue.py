@@ -14,6 +14,18 @@ is the later of the tier's virtual time and its tenant's last virtual finish; it
 its cost, image-steps, divided by the tenant's weight). Postgres claims with `FOR UPDATE SKIP
 LOCKED`, so two dispatchers never wait on each other's rows; SQLite serialises writers and the
 compare-and-set alone decides.
+
+A synchronous render (`POST /v1/images/generations`) takes a ticket in the same order: a row
+with `sync` set, leased from the start to the dispatcher of the ingress replica that holds its
+client (`lease_owner` on a queued row). Only that dispatcher claims it, and it hands the turn to
+the waiting request, which renders, stores and charges as before (`finish_sync` closes the row;
+no usage row, no event here). A sync ticket whose dispatcher's lease lapsed (its replica died,
+and with it the client's connection) fails; it is never queued again.
+
+Async renders count against their tenant's hourly quota from enqueue (`unfinished_images`) and,
+while in progress, against its in-flight cap (`rendering`), in the same counts the synchronous
+path's admission uses (`registry.render_limits`): a terminal change stops counting them and a
+success's usage row replaces them in one transaction, so nothing is reserved twice or leaked.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -31,11 +43,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Text,
+    false,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -86,6 +99,8 @@ class RenderTaskRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(40))
     # True from a terminal change until its event was handed to the sink (`event_sent`).
     event_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The ticket of a synchronous request (`lease_owner`: its ingress's dispatcher).
+    sync: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RenderPlanRow(Base):
@@ -122,6 +137,7 @@ class RenderTask:
     result: dict | None
     error: str | None
     error_code: str | None
+    sync: bool = False
 
     @classmethod
     def of(cls, r: RenderTaskRow) -> RenderTask:
@@ -147,6 +163,7 @@ class RenderTask:
             json.loads(r.result) if r.result else None,
             r.error,
             r.error_code,
+            r.sync,
         )
 
 
@@ -168,6 +185,29 @@ class QueueFull(Exception):
         super().__init__(f"{used} unfinished renders of {cap}")
         self.cap = cap
         self.used = used
+
+
+#: `check(session, tenant_id, images, render_id)`, run inside the enqueue's transaction with the
+#: tenant locked and the new row written: raises to refuse it (`RenderLimiter.check_quota`).
+EnqueueCheck = Callable[[Session, str, int, str], None]
+#: `room(session, tenant_id)`: how many more renders the tenant may start now (None: no cap).
+RoomCheck = Callable[[Session, str], int | None]
+
+
+def _async_rows(tenant_id: str) -> object:  # a SQL expression
+    return (RenderTaskRow.tenant_id == tenant_id) & RenderTaskRow.sync.is_(False)
+
+
+def unfinished_images(tenant_id: str) -> Select:
+    """Images of the tenant's async renders not yet ended: reserved from its hourly quota."""
+    return select(func.coalesce(func.sum(RenderTaskRow.images), 0)).where(
+        _async_rows(tenant_id), RenderTaskRow.status.in_(UNFINISHED)
+    )
+
+
+def rendering(tenant_id: str) -> Select:
+    """The tenant's async renders in progress: each holds one of its in-flight renders."""
+    return select(func.count()).where(_async_rows(tenant_id), RenderTaskRow.status == "in_progress")
 
 
 class RenderQueueStore:
@@ -212,20 +252,26 @@ class RenderQueueStore:
         weight: float,
         max_queued: int | None,
         webhook_url: str | None = None,
+        *,
+        check: EnqueueCheck | None = None,
+        sync_owner: str | None = None,
+        lease_s: float = 60.0,
         render_id: str | None = None,
     ) -> RenderTask:
         """Record a queued render with its fair-queuing tags; `QueueFull` when the tenant
-        already has `max_queued` unfinished renders (checked atomically with the insert).
+        already has `max_queued` unfinished async renders, and whatever `check` raises (the
+        hourly quota), both decided atomically with the insert. `sync_owner`: the ticket of a
+        synchronous request, leased for `lease_s` to that dispatcher (`render_id` given by it).
         `render_id` is the id the caller drew (a new one by default)."""
         tier = TIERS[priority]
         render_id = render_id or f"render-{secrets.token_hex(12)}"
         cost = float(images * steps)
         with Session(self.engine) as s, s.begin():
             if self.engine.dialect.name == "postgresql":
-                # Serialise a tenant's enqueues across ingress replicas: count, then insert.
-                key = zlib.crc32(f"render-queue:{tenant_id}".encode())
-                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            # Inserting first takes SQLite's write lock, so the count below sees every
+                # Serialise the tenant's enqueues and render admissions across ingress replicas
+                # (`RenderLimiter` takes the same row lock): count, then insert.
+                s.execute(select(TenantRow.id).where(TenantRow.id == tenant_id).with_for_update())
+            # Inserting first takes SQLite's write lock, so the counts below see every
             # committed render of the tenant, and no other enqueue can commit in between.
             s.add(
                 RenderTaskRow(
@@ -240,13 +286,20 @@ class RenderQueueStore:
                     cost=cost,
                     progress_step=0,
                     progress_total=images * steps,
+                    sync=sync_owner is not None,
+                    lease_owner=sync_owner,
+                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s)
+                    if sync_owner
+                    else None,
                 )
             )
             s.flush()
-            if max_queued is not None:
+            if max_queued is not None and sync_owner is None:
                 used = self._unfinished(s, tenant_id)
                 if used > max_queued:
                     raise QueueFull(max_queued, used - 1)
+            if check is not None:
+                check(s, tenant_id, images, render_id)
             vtime = self._virtual_time(s, tier)
             last = s.scalar(
                 select(func.max(RenderTaskRow.vfinish)).where(
@@ -269,7 +322,7 @@ class RenderQueueStore:
         return int(
             s.scalar(
                 select(func.count()).where(
-                    RenderTaskRow.tenant_id == tenant_id, RenderTaskRow.status.in_(UNFINISHED)
+                    _async_rows(tenant_id), RenderTaskRow.status.in_(UNFINISHED)
                 )
             )
             or 0
@@ -306,15 +359,16 @@ class RenderQueueStore:
     def get(self, tenant_id: str, render_id: str) -> RenderTask | None:
         with Session(self.engine) as s:
             row = s.get(RenderTaskRow, render_id)
-            return RenderTask.of(row) if row is not None and row.tenant_id == tenant_id else None
+            mine = row is not None and row.tenant_id == tenant_id and not row.sync
+            return RenderTask.of(row) if mine else None
 
     def list(self, tenant_id: str, after: str | None, limit: int) -> tuple[list[RenderTask], bool]:
         """Newest first; `after` is the id of the last render of the previous page."""
         with Session(self.engine) as s:
-            q = select(RenderTaskRow).where(RenderTaskRow.tenant_id == tenant_id)
+            q = select(RenderTaskRow).where(_async_rows(tenant_id))
             if after:
                 anchor = s.get(RenderTaskRow, after)
-                if anchor is None or anchor.tenant_id != tenant_id:
+                if anchor is None or anchor.tenant_id != tenant_id or anchor.sync:
                     raise KeyError(after)
                 q = q.where(
                     (RenderTaskRow.created_at < anchor.created_at)
@@ -357,25 +411,43 @@ class RenderQueueStore:
         return {status: 0 for status in STATUSES} | {st: int(n) for st, n in rows}
 
     # --- the dispatcher's side -----------------------------------------------------------------
-    def claim(self, owner: str, lease_s: float, limit: int) -> list[RenderTask]:
-        """Take up to `limit` queued renders in scheduling order, leased to `owner`."""
+    def claim(
+        self, owner: str, lease_s: float, limit: int, room: RoomCheck | None = None
+    ) -> list[RenderTask]:
+        """Take up to `limit` queued renders in scheduling order, leased to `owner`: async
+        renders, and the sync tickets `owner` holds. `room(session, tenant_id)` says how many
+        more renders a tenant may start (its in-flight cap; None: no cap): an async render of
+        a tenant with no room stays queued, and the ones after it are taken (sync tickets were
+        admitted under the cap already)."""
         if limit <= 0:
             return []
         c = RenderTaskRow
+        claimable = (c.status == "queued") & (c.lease_owner.is_(None) | (c.lease_owner == owner))
         with Session(self.engine) as s, s.begin():
-            ids = s.scalars(
-                select(c.id)
-                .where(c.status == "queued")
+            candidates = s.execute(
+                select(c.id, c.tenant_id, c.sync)
+                .where(claimable)
                 .order_by(c.tier, c.vfinish, c.id)
-                .limit(limit)
+                # Room for a few tenants at their cap to be passed over.
+                .limit(limit * 4 + 16 if room else limit)
                 .with_for_update(skip_locked=True)
             ).all()
-            won = []
+            won: list[str] = []
+            left: dict[str, int | None] = {}
             now = utcnow()
-            for render_id in ids:
+            for render_id, tenant_id, sync in candidates:
+                if len(won) == limit:
+                    break
+                if room is not None and not sync:
+                    if tenant_id not in left:
+                        left[tenant_id] = room(s, tenant_id)
+                    if left[tenant_id] is not None:
+                        if left[tenant_id] <= 0:
+                            continue
+                        left[tenant_id] -= 1
                 done = s.execute(
                     update(c)
-                    .where(c.id == render_id, c.status == "queued")
+                    .where(c.id == render_id, claimable)
                     .values(
                         status="in_progress",
                         lease_owner=owner,
@@ -388,29 +460,28 @@ class RenderQueueStore:
                 )
                 if done.rowcount == 1:
                     won.append(render_id)
-        return [self.get_any(i) for i in won]
+            rows = s.scalars(select(c).where(c.id.in_(won))).all() if won else []
+            order = {render_id: i for i, render_id in enumerate(won)}
+            return sorted((RenderTask.of(r) for r in rows), key=lambda t: order[t.id])
 
     def _held(self, render_id: str, owner: str):  # noqa: ANN202 - a SQL expression
         c = RenderTaskRow
         return (c.id == render_id) & (c.status == "in_progress") & (c.lease_owner == owner)
 
     def renew(self, owner: str, render_ids: list[str], lease_s: float) -> set[str]:
-        """Extend `owner`'s leases; the ids it still holds (the others were cancelled or
-        taken over after an expiry: their renders must stop)."""
+        """Extend `owner`'s leases (claimed renders, and its queued sync tickets); the ids it
+        still holds (the others were cancelled or taken over after an expiry: they must stop)."""
         if not render_ids:
             return set()
         c = RenderTaskRow
+        mine = c.id.in_(render_ids) & c.status.in_(UNFINISHED) & (c.lease_owner == owner)
         with Session(self.engine) as s, s.begin():
             s.execute(
                 update(c)
-                .where(c.id.in_(render_ids), c.status == "in_progress", c.lease_owner == owner)
+                .where(mine)
                 .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
             )
-            held = s.scalars(
-                select(c.id).where(
-                    c.id.in_(render_ids), c.status == "in_progress", c.lease_owner == owner
-                )
-            ).all()
+            held = s.scalars(select(c.id).where(mine)).all()
         return set(held)
 
     def progress(self, render_id: str, owner: str, step: int) -> bool:
@@ -490,20 +561,23 @@ class RenderQueueStore:
             return done.rowcount == 1
 
     def expire_leases(self, max_attempts: int) -> list[RenderTask]:
-        """Queue again every render whose lease expired (its dispatcher died or hung); one
-        that has had `max_attempts` attempts fails instead. Returns the renders that failed
-        here (their events are the caller's to emit)."""
+        """Queue again every async render whose lease expired (its dispatcher died or hung);
+        one that has had `max_attempts` attempts fails instead. A sync ticket whose lease
+        expired fails (its client was on the replica that died). Returns the async renders
+        that failed here (their events are the caller's to emit)."""
         c = RenderTaskRow
         now = utcnow()
         with Session(self.engine) as s:
             expired = s.execute(
-                select(c.id, c.lease_owner, c.attempts).where(
-                    c.status == "in_progress", c.lease_expires_at < now
+                select(c.id, c.lease_owner, c.attempts, c.sync).where(
+                    c.status.in_(UNFINISHED), c.lease_expires_at < now
                 )
             ).all()
         failed = []
-        for render_id, owner, attempts in expired:
-            if attempts >= max_attempts:
+        for render_id, owner, attempts, sync in expired:
+            if sync:
+                self.finish_sync(render_id, owner, "failed", "render_interrupted")
+            elif attempts >= max_attempts:
                 if self.fail(
                     render_id,
                     owner,
@@ -524,6 +598,34 @@ class RenderQueueStore:
                         )
                     )
         return failed
+
+    def finish_sync(
+        self, render_id: str, owner: str, status: str, error_code: str | None = None
+    ) -> bool:
+        """End a sync ticket `owner` holds, queued or claimed (`succeeded`: the request
+        answered; `failed`; `cancelled`: its client went away). No usage row (the request's
+        admission commits that) and no event: its client got the answer."""
+        if status not in TERMINAL:
+            raise ValueError(f"status must be one of {sorted(TERMINAL)}, got {status!r}")
+        c = RenderTaskRow
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(
+                update(c)
+                .where(
+                    c.id == render_id,
+                    c.sync.is_(True),
+                    c.status.in_(UNFINISHED),
+                    c.lease_owner == owner,
+                )
+                .values(
+                    status=status,
+                    error_code=error_code,
+                    finished_at=utcnow(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            return done.rowcount == 1
 
     def event_sent(self, render_id: str) -> bool:
         """The render's terminal event reached the sink; False if that was already recorded
@@ -557,7 +659,11 @@ class RenderQueueStore:
         with Session(self.engine) as s, s.begin():
             done = s.execute(
                 update(c)
-                .where(c.id == render_id, c.tenant_id == tenant_id, c.status.in_(UNFINISHED))
+                .where(
+                    c.id == render_id,
+                    _async_rows(tenant_id),
+                    c.status.in_(UNFINISHED),
+                )
                 .values(
                     status="cancelled",
                     finished_at=utcnow(),

@@ -446,11 +446,12 @@ class Settings(BaseSettings):
     )
     # --- async renders: the durable render queue (POST /v1/renders) ------------------------
     render_queue_concurrency: int = Field(
-        4,
+        16,
         ge=1,
         le=1024,
-        description="Queued renders each ingress replica's dispatcher keeps in flight on the "
-        "render replicas (match the replicas' batch capacity).",
+        description="Renders each ingress replica's dispatcher keeps in flight on the render "
+        "replicas, synchronous and async together (at least the replicas' batch capacity, "
+        "max_batch_images x replicas, or batches run below it).",
     )
     render_queue_lease_s: float = Field(
         30.0,

@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Protocol
 
@@ -52,6 +52,13 @@ class Renderer(Protocol):
     async def render(self, job: RenderJob) -> list[RenderedImage]: ...
 
 
+class RenderScheduler(Protocol):
+    """Orders renders fairly across tenants (`serve.render_queue.RenderDispatcher`): `turn`
+    waits for the render's turn and holds its slot for the block."""
+
+    def turn(self, tenant_id: str, job: RenderJob) -> AbstractAsyncContextManager[None]: ...
+
+
 class AdapterLookup(Protocol):
     """Resolves a tenant's adapter reference (`serve.resolver.AdapterResolver`); `render_id`
     picks the champion or challenger of a brand's canary."""
@@ -65,7 +72,7 @@ class AdapterLookup(Protocol):
 DEFAULT_LEASE_S = 60.0
 
 
-def _refusal(e: AdmissionRefused) -> APIError:
+def refusal(e: AdmissionRefused) -> APIError:
     """429 for a limit that clears by itself: a render finishing, usage aging out; 403 for an
     in-flight cap of 0, a plan without renders."""
     if e.cap == 0:
@@ -137,6 +144,9 @@ class ImageService:
         self.presign_expiry_s = presign_expiry_s
         self.max_inflight = max_inflight_per_tenant
         self.limiter = limiter or RenderLimiter(tenants.engine, DEFAULT_LEASE_S)
+        #: Where renders wait for their turn: the ingress's render dispatcher, set when it
+        #: starts (`serve.services.start_background_work`). None: render at once.
+        self.scheduler: RenderScheduler | None = None
 
     @asynccontextmanager
     async def _slot(self, tenant_id: str, images: int) -> AsyncIterator[Admission]:
@@ -149,7 +159,7 @@ class ImageService:
                 self.limiter.admit, tenant_id, images, self.max_inflight
             )
         except AdmissionRefused as e:
-            raise _refusal(e) from None
+            raise refusal(e) from None
         renewing = asyncio.create_task(self._renew(admission))
         try:
             yield admission
@@ -253,6 +263,14 @@ class ImageService:
             log.error("render with adapter %s failed: %s", job.adapter, e)
             raise e.as_api_error() from None
 
+    async def _render_in_turn(self, tenant_id: str, job: RenderJob) -> list[RenderedImage]:
+        """Render when the fair scheduler says it is this render's turn (sync and async
+        renders share one order), holding its slot only while the replica works."""
+        if self.scheduler is None:
+            return await self._render(job)
+        async with self.scheduler.turn(tenant_id, job):
+            return await self._render(job)
+
     async def _moderate(
         self, tenant_id: str, req: ImageGenerationRequest, job: RenderJob | None = None
     ) -> None:
@@ -294,7 +312,7 @@ class ImageService:
         async with self._slot(tenant_id, len(job.seeds)) as admission:
             adapter = await self._resolve(tenant_id, req, render_id)
             job = dataclasses.replace(job, adapter=adapter)
-            images = await self._render(job)
+            images = await self._render_in_turn(tenant_id, job)
             near: list[dict | None] = [None] * len(images)
             if self.near_duplicates is not None:  # a block (422) stores and charges nothing
                 images, near = await self.near_duplicates.check(tenant_id, adapter, images)

@@ -11,6 +11,12 @@ compare-and-set. A render whose dispatcher dies is queued again when its lease e
 
 Each terminal change calls the event sink once, by the caller that won it: `render.succeeded`,
 `render.failed` or `render.cancelled`.
+
+The synchronous path rides the same scheduler (`RenderDispatcher.turn`): an admitted
+`POST /v1/images/generations` request writes a sync ticket, leased to this replica's dispatcher,
+and wakes it; the dispatcher claims tickets and async renders in one fair order, and for a
+ticket it hands the turn to the waiting request, which renders in its own coroutine exactly as
+before and gives the slot back when the replica is done.
 """
 
 from __future__ import annotations
@@ -25,15 +31,25 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Literal, Protocol
 
 from pydantic import Field
 
-from registry.render_queue import TERMINAL, QueueFull, RenderQueueStore, RenderTask
+from registry.render_limits import AdmissionRefused
+from registry.render_queue import (
+    TERMINAL,
+    QueueFull,
+    RenderPlan,
+    RenderQueueStore,
+    RenderTask,
+    RoomCheck,
+)
 from registry.storage import StorageError
 from serve.adapter_cache import AdapterLoadError
-from serve.errors import APIError, InvalidField, StorageUnavailable
-from serve.images import ImageService, used_version
+from serve.errors import APIError, InvalidField, ServiceUnavailable, StorageUnavailable
+from serve.images import ImageService, refusal, used_version
 from serve.io_pools import BlockingPool
 from serve.protocol import (
     STRICT_BODY,
@@ -51,6 +67,8 @@ _plain_log = logging.getLogger(__name__)
 #: `emit(tenant_id, event_type, data, webhook_url)`: called once per terminal change.
 EventSink = Callable[[str, str, dict, str | None], None]
 MAX_WEBHOOK_URL = 2048
+#: How long a dispatcher reuses a tenant's render plan for its synchronous renders.
+PLAN_TTL_S = 5.0
 
 
 def log_event(tenant_id: str, event_type: str, data: dict, webhook_url: str | None) -> None:
@@ -85,6 +103,15 @@ def job_of(data: dict) -> RenderJob:
             "adapter": AdapterSpec(**adapter) if adapter else None,
         }
     )
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    """Resolve a waiting request's turn on its own loop (unless it was cancelled)."""
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def _ts(value) -> int | None:  # noqa: ANN001 - a datetime or None
@@ -136,7 +163,6 @@ class RenderService:
         # The render id is drawn before the adapter is resolved: a canary assigns by it.
         render_id = f"render-{secrets.token_hex(12)}"
         job = await self.images.prepare(tenant_id, req, render_id)
-        await self._check_quota(tenant_id, len(job.seeds))
         cap = plan.max_queued if plan.max_queued is not None else self.max_queued
         request = {
             "job": job_to_dict(job),
@@ -155,8 +181,12 @@ class RenderService:
                 plan.weight,
                 cap,
                 webhook_url,
-                render_id,
+                # The hourly quota, reserved by the row itself in the same transaction.
+                check=self.images.limiter.check_quota,
+                render_id=render_id,
             )
+        except AdmissionRefused as e:
+            raise refusal(e) from None
         except QueueFull as e:
             raise APIError(
                 429,
@@ -168,23 +198,6 @@ class RenderService:
         log.info("render %s queued (%s, %d images)", task.id, priority, task.images)
         position = await self.db.run(self.queue.queue_position, task)
         return self.render_object(task, position)
-
-    async def _check_quota(self, tenant_id: str, images: int) -> None:
-        """The tenant's hourly image quota, as the synchronous path checks it (usage is
-        charged when a render succeeds, so queued renders are not counted)."""
-        tenant = await self.db.run(self.images.tenants.get_tenant, tenant_id)
-        quota = tenant.images_per_hour if tenant else None
-        if quota is None:
-            return
-        used = await self.db.run(self.images.tenants.images_in_last_hour, tenant_id)
-        if used + images > quota:
-            raise APIError(
-                429,
-                f"hourly image quota exceeded: {used} of {quota} images used in the last hour, "
-                f"this request asks for {images}",
-                code="quota_exceeded",
-                headers={"Retry-After": "60"},
-            )
 
     # --- reads ----------------------------------------------------------------------------------
     def _task(self, tenant_id: str, render_id: str) -> RenderTask:
@@ -354,15 +367,29 @@ class RenderDispatcher:
         self._rendering: set[str] = set()  # on a replica now: what `concurrency` bounds
         self._progress: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: threading.Event | None = None
+        # An async render is claimed only while its tenant is under its in-flight cap.
+        limiter, cap = images.limiter, images.max_inflight
+        self.room: RoomCheck = lambda s, tenant_id: limiter.room(s, tenant_id, cap)
+        # Sync tickets: waiting for their turn (the request's loop and future), and granted
+        # (their request renders now). `_lock` guards `_waiting` across the two loops.
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._granted: set[str] = set()
+        self._closing: set[asyncio.Future] = set()  # tickets being closed (kept referenced)
+        self._plans: dict[str, tuple[float, RenderPlan]] = {}
 
     # --- running --------------------------------------------------------------------------------
     def start(self) -> Callable[[], None]:
         """Run in a thread of its own (its own event loop); returns a stop."""
         stop = threading.Event()
+        self._running = threading.Event()
         thread = threading.Thread(
             target=lambda: asyncio.run(self.run(stop)), name="render-dispatcher", daemon=True
         )
         thread.start()
+        self._running.wait(10)  # its loop takes sync tickets from here on
 
         def stopper() -> None:
             stop.set()
@@ -372,6 +399,9 @@ class RenderDispatcher:
 
     async def run(self, stop: threading.Event) -> None:
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._running is not None:
+            self._running.set()
         last_renew = last_expire = last_progress = 0.0
         while not stop.is_set():
             try:
@@ -393,23 +423,136 @@ class RenderDispatcher:
                     await self._write_progress()
                 free = self.concurrency - len(self._rendering)
                 if free > 0:
+                    self._wake.clear()  # a wake from here on means: look again
                     for task in await asyncio.to_thread(
-                        self.queue.claim, self.owner, self.lease_s, free
+                        self.queue.claim, self.owner, self.lease_s, free, self.room
                     ):
-                        self._rendering.add(task.id)
-                        self.inflight[task.id] = asyncio.create_task(self._run_one(task))
+                        if task.sync:
+                            await self._grant(task)
+                        else:
+                            self._rendering.add(task.id)
+                            self.inflight[task.id] = asyncio.create_task(self._run_one(task))
             except Exception:  # noqa: BLE001 - the database is down: try again next round
                 _plain_log.exception("render dispatcher round failed")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+        self._loop = None
+        with self._lock:
+            waiting, self._waiting = list(self._waiting.values()), {}
+        stopping = ServiceUnavailable("the ingress is stopping", "overloaded")
+        for loop, granted in waiting:  # their requests answer 503 rather than wait forever
+            with contextlib.suppress(RuntimeError):  # that loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, granted, stopping)
         for running in list(self.inflight.values()):
             running.cancel()  # their leases expire and another replica takes them over
         await asyncio.gather(*self.inflight.values(), return_exceptions=True)
 
+    # --- the synchronous path's turns -----------------------------------------------------------
+    @asynccontextmanager
+    async def turn(self, tenant_id: str, job: RenderJob) -> AsyncIterator[None]:
+        """Wait for the render's turn in the fair order, then hold one of the dispatcher's
+        slots until the block ends. Called on the request's own event loop, after its
+        admission; a cancelled request (the client went away) gives its ticket up."""
+        if self._loop is None:
+            raise ServiceUnavailable("the render dispatcher is not running", "overloaded")
+        render_id = f"render-{secrets.token_hex(12)}"
+        granted = asyncio.get_running_loop().create_future()
+        with self._lock:  # before the row exists: the claim may come at once
+            self._waiting[render_id] = (asyncio.get_running_loop(), granted)
+        outcome, code = "failed", None
+        try:
+            db = self.service.db
+            plan = await self._plan(tenant_id)
+            await db.run(
+                partial(
+                    self.queue.enqueue,
+                    sync_owner=self.owner,
+                    lease_s=self.lease_s,
+                    render_id=render_id,
+                ),
+                tenant_id,
+                plan.tiers[0],  # the best tier the plan allows, as for an async render
+                {"job": {"adapter": dataclasses.asdict(job.adapter) if job.adapter else None}},
+                len(job.seeds),
+                job.steps,
+                plan.weight,
+                None,  # the in-flight cap bounds a tenant's waiting requests
+            )
+            self._poke()
+            await granted
+            yield
+            outcome = "succeeded"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except APIError as e:
+            code = e.code
+            raise
+        finally:
+            with self._lock:
+                self._waiting.pop(render_id, None)
+            self._call(self._turn_done, render_id)
+            # Off the answer's path: the request does not wait for its ticket's end (its
+            # lease would end it, should this write fail).
+            closing = asyncio.ensure_future(
+                self.service.db.run(self.queue.finish_sync, render_id, self.owner, outcome, code)
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future) -> None:
+        self._closing.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            _plain_log.warning("closing a sync ticket failed: %s", closing.exception())
+
+    async def _plan(self, tenant_id: str) -> RenderPlan:
+        """The tenant's render plan, reused for `PLAN_TTL_S` (plans change by hand, rarely):
+        a synchronous render does not pay a read for it each time."""
+        cached = self._plans.get(tenant_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        plan = await self.service.db.run(self.queue.plan, tenant_id, self.service.default_plan)
+        self._plans[tenant_id] = (time.monotonic() + PLAN_TTL_S, plan)
+        return plan
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run `fn(*args)` on the dispatcher's loop (from any thread)."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _poke(self) -> None:
+        """Wake the dispatcher now: a ticket is waiting (no poll delay)."""
+        self._call(lambda: self._wake.set())
+
+    async def _grant(self, task: RenderTask) -> None:
+        """A sync ticket's turn came: hand it to its request, whose slot this is now."""
+        with self._lock:
+            waiter = self._waiting.get(task.id)
+            if waiter is not None:
+                self._rendering.add(task.id)
+                self._granted.add(task.id)
+        if waiter is None:  # its request ended before its turn
+            await asyncio.to_thread(self.queue.finish_sync, task.id, self.owner, "cancelled")
+            return
+        loop, granted = waiter
+        with contextlib.suppress(RuntimeError):  # its loop closed: `_turn_done` never comes
+            loop.call_soon_threadsafe(_settle, granted, None)
+
+    def _turn_done(self, render_id: str) -> None:
+        self._granted.discard(render_id)
+        self._rendered(render_id)
+
     async def _renew(self) -> None:
+        with self._lock:
+            tickets = list(self._waiting)
         held = await asyncio.to_thread(
-            self.queue.renew, self.owner, list(self.inflight), self.lease_s
+            self.queue.renew,
+            self.owner,
+            [*self.inflight, *self._granted, *tickets],
+            self.lease_s,
         )
         for render_id in set(self._rendering) - held:
             self._stop(render_id)

@@ -165,8 +165,8 @@ def _seal_webhook_secrets(webhooks: WebhookStore) -> None:
 def start_background_work(settings: Settings, services: ApiServices) -> Callable[[], None]:
     """Start what an ingress runs beside its routes: the job reconciler (records follow their
     Ray jobs, the outbox gets submitted), the render-retention sweeper, the webhook
-    dispatcher and the render queue's
-    dispatcher, and the alias event poller. Returns a stop."""
+    dispatcher and the render queue's dispatcher, which synchronous renders then wait on for
+    their turn, and the alias event poller. Returns a stop."""
     store = services.store
     guard = services.images.tenant_limits
     _seal_webhook_secrets(services.webhooks.store)
@@ -188,7 +188,7 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
     alias_events_stop = services.alias_events.start() if services.alias_events else None
 
     renders = services.renders
-    dispatcher_stop = RenderDispatcher(
+    dispatcher = RenderDispatcher(
         renders.queue,
         services.images,
         services.images.renderer,
@@ -197,9 +197,13 @@ def start_background_work(settings: Settings, services: ApiServices) -> Callable
         lease_s=settings.render_queue_lease_s,
         max_attempts=settings.render_max_attempts,
         poll_s=settings.render_queue_poll_s,
-    ).start()
+    )
+    dispatcher_stop = dispatcher.start()
+    # Synchronous renders wait for their turn in the same fair order as async ones.
+    services.images.scheduler = dispatcher
 
     def stop() -> None:
+        services.images.scheduler = None
         webhooks_stop.set()
         if alias_events_stop is not None:
             alias_events_stop.set()

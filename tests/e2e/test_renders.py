@@ -4,13 +4,18 @@ outlives `brandfarm down` / `up`."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+
 import pytest
 from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from registry.db import make_engine
-from registry.render_queue import RenderQueueStore
+from registry.render_limits import RenderLimiter
+from registry.render_queue import RenderQueueStore, RenderTaskRow
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -103,3 +108,48 @@ def test_accepted_renders_survive_down_and_up(farm) -> None:
     assert seeds == [10 + i for i in range(6)]
     assert farm.tenants.count_renders("async-restart-co") == 7  # each charged once
     assert at_down - {"succeeded"}, at_down  # some were still waiting when the farm went down
+
+
+def test_sync_and_async_requests_share_the_queue_and_the_quota(farm) -> None:
+    """On the real farm: 8 concurrent requests of one image, 4 synchronous and 4 async, against
+    images_per_hour=4 give exactly 4 images; the synchronous ones went through the queue (their
+    tickets in render_tasks), and nothing stays reserved or in flight."""
+    key = farm.new_tenant("mixed-quota-co", images_per_hour=4)
+    body = {**SMALL, "steps": 2}
+
+    def one(i: int):
+        with farm.http(key) as c:
+            return c.post("/images/generations" if i % 2 else "/renders", json=body)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(429) == 4 and len([c for c in codes if c in (200, 202)]) == 4, [
+        r.text[:200] for r in answers
+    ]
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 429} == {
+        "quota_exceeded"
+    }
+    accepted = [r.json()["id"] for r in answers if r.status_code == 202]
+    with farm.http(key) as c:
+        for render_id in accepted:
+            wait_for(
+                lambda rid=render_id: c.get(f"/renders/{rid}").json()["status"] == "succeeded",
+                180,
+                "the async render succeeds",
+            )
+    assert farm.tenants.images_in_last_hour("mixed-quota-co") == 4
+    engine = make_engine(farm.settings.resolved_database_url)
+    limiter = RenderLimiter(engine, farm.settings.render_lease_s)
+    assert limiter.quota_used("mixed-quota-co") == 4 and limiter.inflight("mixed-quota-co") == 0
+
+    def sync_tickets() -> list[str]:
+        with Session(engine) as s:
+            return s.scalars(
+                select(RenderTaskRow.status).where(
+                    RenderTaskRow.tenant_id == "mixed-quota-co", RenderTaskRow.sync.is_(True)
+                )
+            ).all()
+
+    sync_accepted = 4 - len(accepted)
+    wait_for(lambda: sync_tickets() == ["succeeded"] * sync_accepted, 60, "the sync tickets close")

@@ -21,6 +21,7 @@ from registry.render_limits import (
     RenderLimiter,
     RenderSlotRow,
 )
+from registry.render_queue import RenderQueueStore
 from registry.settings import Settings
 from registry.tenants import RenderRow, TenantDirectory
 
@@ -258,3 +259,32 @@ def test_usage_rows_count_renders_per_adapter_version_from_both_paths(tenants):
     assert {k: u.renders for k, u in tenants.adapter_usage("globex").items()} == {("logo", 1): 1}
     later = tenants.adapter_usage("acme", since=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     assert later == {}
+
+
+def test_async_renders_reserve_quota_from_enqueue_and_count_in_flight_while_running(tenants):
+    """A queued async render is its own quota reservation (checked with the insert), one in
+    progress holds an in-flight render; a success becomes usage, a cancel gives it back."""
+    tenants.create_tenant("acme", images_per_hour=5)
+    limiter = limiter_for(tenants)
+    queue = RenderQueueStore(tenants.engine)
+
+    def enqueue(images: int):
+        return queue.enqueue(
+            "acme", "fast", {"job": {}}, images, 2, 1.0, None, check=limiter.check_quota
+        )
+
+    kept, cancelled = enqueue(2), enqueue(2)
+    with pytest.raises(AdmissionRefused) as e:
+        enqueue(2)
+    assert e.value.limit == "images_per_hour" and e.value.used == 4
+    assert limiter.quota_used("acme") == 4 and queue.counts()["queued"] == 2
+    with pytest.raises(AdmissionRefused):  # the synchronous path sees the same reservations
+        limiter.admit("acme", 2, max_inflight=None)
+    [claimed] = queue.claim("d1", 60, 1, room=lambda s, t: limiter.room(s, t, 1))
+    assert claimed.id == kept.id and limiter.inflight("acme") == 1
+    assert queue.claim("d1", 60, 1, room=lambda s, t: limiter.room(s, t, 1)) == []  # capped
+    queue.cancel("acme", cancelled.id)
+    assert limiter.quota_used("acme") == 2
+    assert queue.succeed(kept.id, "d1", {"images": []}, "m")
+    assert limiter.quota_used("acme") == 2 and limiter.inflight("acme") == 0
+    assert tenants.images_in_last_hour("acme") == 2

@@ -205,3 +205,50 @@ def test_an_event_a_crash_kept_from_the_sink_is_found_once(queue) -> None:
     taken = queue.unsent_events(older_than_s=0)
     assert [t.id for t in taken] == [lost.id] and taken[0].status == "succeeded"
     assert queue.unsent_events(older_than_s=0) == []  # taken once
+
+
+def ticket(q: RenderQueueStore, tenant: str, owner: str, lease_s: float = 60):
+    """A synchronous request's ticket, held by `owner`'s dispatcher."""
+    return q.enqueue(
+        tenant, "fast", {"job": {}}, 1, 4, 1.0, None, sync_owner=owner, lease_s=lease_s
+    )
+
+
+def test_sync_tickets_share_the_fair_order_but_only_their_ingress_claims_them(queue) -> None:
+    for _ in range(10):
+        put(queue, "aa")
+    mine = ticket(queue, "bb", "d1")
+    # Another ingress's dispatcher passes it over; its own takes it among A's first.
+    assert mine.id not in {t.id for t in queue.claim("d2", 60, 3)}
+    claimed = queue.claim("d1", 60, 2)
+    assert mine.id in {t.id for t in claimed} and all(t.tenant_id for t in claimed)
+    assert queue.get_any(mine.id).sync and queue.get_any(mine.id).status == "in_progress"
+    # It is no async render: not listed, not readable or cancellable through the API's reads.
+    assert queue.get("bb", mine.id) is None and queue.list("bb", None, 10) == ([], False)
+    assert queue.cancel("bb", mine.id) == (None, False)
+    assert not queue.finish_sync(mine.id, "d2", "succeeded")
+    assert queue.finish_sync(mine.id, "d1", "succeeded")
+    assert not queue.finish_sync(mine.id, "d1", "cancelled")  # once
+    assert TenantDirectory(queue.engine).count_renders("bb") == 0  # the request charges
+
+
+def test_a_sync_ticket_whose_ingress_died_fails_and_is_never_queued_again(queue) -> None:
+    waiting, running = ticket(queue, "aa", "dead"), ticket(queue, "aa", "dead")
+    assert [t.id for t in queue.claim("dead", 60, 1)] == [waiting.id]
+    assert queue.renew("dead", [waiting.id, running.id], 60) == {waiting.id, running.id}
+    with Session(queue.engine) as s, s.begin():  # the leases ran out (its ingress died)
+        s.execute(update(RenderTaskRow).values(lease_expires_at=RenderTaskRow.created_at))
+    assert queue.expire_leases(max_attempts=3) == []  # no event: its client was gone
+    for t in (waiting, running):
+        done = queue.get_any(t.id)
+        assert done.status == "failed" and done.error_code == "render_interrupted"
+    assert queue.claim("alive", 60, 5) == []
+
+
+def test_a_tenant_with_no_room_is_passed_over_not_waited_for(queue) -> None:
+    for _ in range(3):
+        put(queue, "aa")
+    late = put(queue, "bb")
+    room = {"aa": 1, "bb": None}
+    claimed = queue.claim("d1", 60, 3, room=lambda s, tenant: room[tenant])
+    assert [t.tenant_id for t in claimed].count("aa") == 1 and late.id in {t.id for t in claimed}

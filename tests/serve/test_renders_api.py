@@ -92,6 +92,7 @@ def farm_parts(local_parts):
             progress_every_s=0.05,
         )
         stops.append(dispatcher.start())
+        services.images.scheduler = dispatcher  # sync renders take turns, as in the farm
         return dispatcher
 
     yield services, recorder, start
