@@ -1,13 +1,17 @@
 """A tenant's brand adapters over HTTP: list versions with aliases, tags and metrics; move aliases.
 
 Promotion and rollback are the same call: point an alias (`production`, `staging`, ...) at a
-version. Serving reads aliases on the next request; nothing is redeployed.
+version. Serving reads aliases on the next request; nothing is redeployed. Moving `production`
+goes through the brand's promotion gate (`registry.promotion`): a version that fails it answers
+409 `evaluation_failed` with the figures unless the body says `force: true`. The gate's policy is
+read and replaced with `GET/PUT /v1/adapters/{brand}/policy`.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from registry import promotion
 from registry.adapter_refs import MAX_VERSION, check_alias, check_name
 from registry.adapters import (
     WEIGHTS_DELETED_TAG,
@@ -30,6 +34,31 @@ class AliasRequest(BaseModel):
     model_config = STRICT_BODY
     version: int = Field(
         ge=1, le=MAX_VERSION, description="The version the alias points to from now on."
+    )
+    force: bool = Field(
+        False,
+        description="Move production even past a failing promotion gate (recorded on the "
+        "version and its MLflow run).",
+    )
+
+
+class PolicyRequest(BaseModel):
+    """A brand's promotion gate. PUT replaces it: an omitted field takes the farm's default."""
+
+    model_config = STRICT_BODY
+    min_improvement: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Least improvement over production (or the base model when there is none): "
+        "brand_score gain on the built-in model, else the relative drop of heldout_denoise_loss. "
+        "-1..1.",
+    )
+    max_adherence_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="Largest allowed drop in prompt adherence, 0..1."
+    )
+    auto_promote: bool | None = Field(
+        None, description="Make a version that passes its gate production when its job ends."
     )
 
 
@@ -67,9 +96,15 @@ class AdapterService:
     """Every registry call runs on the registry's own thread pool, bounded by MLflow's client
     timeout; MLflow down or hung is a 503 `registry_unavailable`, never a 500."""
 
-    def __init__(self, registry: AdapterRegistry, pool: BlockingPool | None = None) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        pool: BlockingPool | None = None,
+        default_policy: promotion.PromotionPolicy | None = None,
+    ) -> None:
         self.registry = registry
         self.pool = pool or BlockingPool("registry", 4)
+        self.default_policy = default_policy or promotion.PromotionPolicy()
 
     def _list(self, tenant_id: str, include_archived: bool = False) -> dict:
         data = []
@@ -122,6 +157,14 @@ class AdapterService:
             raise APIError(409, str(e), param="version", code="adapter_version_in_use") from None
         except AdapterArchived as e:
             raise APIError(409, str(e), param="version", code="adapter_version_archived") from None
+        except promotion.EvaluationFailed as e:
+            raise APIError(
+                409,
+                str(e),
+                param="version",
+                code="evaluation_failed",
+                details={"gate": e.decision.to_dict()},
+            ) from None
         except RegistryError as e:
             log.error("%s failed: %s", what, e)
             raise registry_unavailable() from None
@@ -137,13 +180,66 @@ class AdapterService:
                 raise InvalidField(param, str(e)) from None
         version = await self._call(
             f"setting alias {alias} of {brand}",
-            self.registry.set_alias,
+            self._promote,
             tenant_id,
             brand,
             alias,
             req.version,
+            req.force,
         )
         return version_object(version)
+
+    def _promote(
+        self, tenant_id: str, brand: str, alias: str, version: int, force: bool
+    ) -> AdapterVersion:
+        return promotion.promote(
+            self.registry,
+            tenant_id,
+            brand,
+            alias,
+            version,
+            default=self.default_policy,
+            force=force,
+            by=f"tenant {tenant_id} over the API",
+        )
+
+    async def get_policy(self, tenant_id: str, brand: str) -> dict:
+        _check_brand(brand)
+        policy = await self._call(
+            f"reading the policy of {brand}",
+            promotion.read_policy,
+            self.registry,
+            tenant_id,
+            brand,
+            self.default_policy,
+        )
+        return policy_object(brand, policy)
+
+    async def put_policy(self, tenant_id: str, brand: str, req: PolicyRequest) -> dict:
+        _check_brand(brand)
+        d = self.default_policy
+        policy = promotion.PromotionPolicy(
+            min_improvement=d.min_improvement
+            if req.min_improvement is None
+            else req.min_improvement,
+            max_adherence_drop=(
+                d.max_adherence_drop if req.max_adherence_drop is None else req.max_adherence_drop
+            ),
+            auto_promote=d.auto_promote if req.auto_promote is None else req.auto_promote,
+        )
+        await self._call(
+            f"writing the policy of {brand}",
+            promotion.write_policy,
+            self.registry,
+            tenant_id,
+            brand,
+            policy,
+        )
+        return policy_object(brand, policy)
+
+
+def policy_object(brand: str, policy: promotion.PromotionPolicy) -> dict:
+    return {"object": "adapter.policy", "brand": brand, **policy.to_dict()}
 
 
 def _check_brand(brand: str) -> None:

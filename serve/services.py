@@ -17,6 +17,7 @@ from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
 from registry.near_duplicates import ImageHashIndex
+from registry.promotion import default_policy
 from registry.render_limits import RenderLimiter
 from registry.render_queue import RenderQueueStore
 from registry.retention import RetentionSweeper
@@ -119,7 +120,7 @@ def build_services(
             on_hashed=near_duplicates.forget,
         ),
         jobs=jobs,
-        adapters=AdapterService(registry, pools.registry),
+        adapters=AdapterService(registry, pools.registry, default_policy(settings)),
         max_request_bytes=settings.max_request_bytes,
         # Room for the multipart envelope; the dataset's own limit is checked exactly.
         max_upload_bytes=settings.dataset_max_upload_bytes + 1024 * 1024,
