@@ -504,29 +504,16 @@ class Worker:
         return figures
 
     def _auto_promote(self, reporter: JobReporter, registry, version) -> None:  # noqa: ANN001
-        """With the brand's `auto_promote`, a version that passes its gate becomes production
-        (through `registry.promotion.promote`, the alias route's own path)."""
-        from registry.adapters import PRODUCTION
-        from registry.promotion import default_policy, gate_of, promote, read_policy
+        """Tag the gate decision; with the brand's `auto_promote`, a passing version becomes
+        production (`registry.promotion.after_registration`, the alias route's own path)."""
+        from registry.promotion import after_registration, default_policy, read_policy
 
         default = default_policy(self.settings)
-        policy = read_policy(registry, version.tenant, version.brand, default)
-        decision = gate_of(registry, version, default)
-        registry.set_version_tags(
-            version.tenant,
-            version.brand,
-            version.version,
-            {"eval.gate": "pass" if decision.passed else "fail"},
-        )
-        if not policy.auto_promote:
-            return
-        if not decision.passed:
+        decision, promoted = after_registration(registry, version, default)
+        if promoted:
+            reporter.event(f"promoted v{version.version} to production (auto_promote)")
+        elif read_policy(registry, version.tenant, version.brand, default).auto_promote:
             reporter.event(f"not promoted automatically: {decision.summary()}")
-            return
-        promote(
-            registry, version.tenant, version.brand, PRODUCTION, version.version, default=default
-        )
-        reporter.event(f"promoted v{version.version} to production (auto_promote)")
 
     def _log_validation(self, base, adapter_dir: Path, spec: dict) -> None:  # noqa: ANN001
         """Base vs. adapter, side by side, at fixed seeds, for each validation prompt."""

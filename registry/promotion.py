@@ -282,3 +282,27 @@ def default_policy(settings) -> PromotionPolicy:  # noqa: ANN001 - registry.sett
         min_improvement=settings.promotion_min_improvement,
         max_adherence_drop=settings.promotion_max_adherence_drop,
     )
+
+
+#: Tag of a new version: its gate decision under the brand's policy when its job ended.
+GATE_TAG = f"{EVAL_PREFIX}gate"
+
+
+def after_registration(
+    registry: AdapterRegistry, version: AdapterVersion, default: PromotionPolicy
+) -> tuple[GateDecision, bool]:
+    """What a fine-tune does with its new version: tag the gate decision (``eval.gate``) and,
+    with the brand's ``auto_promote``, make a passing version production through `promote`.
+    Returns (decision, promoted)."""
+    policy = read_policy(registry, version.tenant, version.brand, default)
+    decision = check_gate(EvalFigures.from_tags(version.tags), policy)
+    registry.set_version_tags(
+        version.tenant,
+        version.brand,
+        version.version,
+        {GATE_TAG: "pass" if decision.passed else "fail"},
+    )
+    if not (policy.auto_promote and decision.passed):
+        return decision, False
+    promote(registry, version.tenant, version.brand, PRODUCTION, version.version, default=default)
+    return decision, True
