@@ -50,7 +50,7 @@ SCORES = ("heldout_denoise_loss", "brand_score", "prompt_adherence")
 class PromotionPolicy:
     """A brand's promotion gate; the farm's settings give the defaults."""
 
-    min_improvement: float = 0.05
+    min_improvement: float = 0.10
     max_adherence_drop: float = 0.10
     auto_promote: bool = False
 

@@ -359,7 +359,7 @@ class Settings(BaseSettings):
     )
     # The promotion gate's defaults, for brands without a policy (`registry/promotion.py`).
     promotion_min_improvement: float = Field(
-        0.05,
+        0.10,
         ge=-1.0,
         le=1.0,
         description="Default least improvement over production (or the base model) a version "
