@@ -11,6 +11,7 @@ and promoted through `registry.promotion`, the path the alias route and `auto_pr
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,27 @@ def test_gate_passes_the_good_brand_and_fails_wrong_data_and_few_steps(evaluatio
     assert check_gate(None, DEFAULT).evaluated is False
 
 
-def test_promotion_through_the_registry_auto_promote_409_and_force(evaluations, tmp_path) -> None:
+@pytest.fixture
+def sqlite_mlflow(tmp_path) -> Iterator[tuple[str, Path]]:
+    """A real MLflow store in a SQLite file. Its model registry looks logged models up through
+    the global tracking URI (not the client's), so that is pointed here meanwhile."""
+    import mlflow
+
     root = tmp_path / "mlflow"
     root.mkdir()
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri, root
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_promotion_through_the_registry_auto_promote_409_and_force(
+    evaluations, sqlite_mlflow
+) -> None:
+    uri, root = sqlite_mlflow
     client = MlflowClient(uri)
     experiment = client.create_experiment("gate", artifact_location=(root / "art").as_uri())
     registry = AdapterRegistry(uri)
