@@ -1,10 +1,11 @@
-"""`brandfarm adapters archive` and `brandfarm adapters canary ...` (a tenant, over HTTP),
-`brandfarm adapters expire-archived` (the operator: deletes the weights of versions archived
-longer than the retention) and `brandfarm adapters register-webhook` (the operator: MLflow's
-alias webhook)."""
+"""`brandfarm adapters archive`, `policy get|set`, `promote` and `canary ...` (a tenant, over
+HTTP), `brandfarm adapters expire-archived` (the operator: deletes the weights of versions
+archived longer than the retention) and `brandfarm adapters register-webhook` (the operator:
+MLflow's alias webhook)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -25,6 +26,48 @@ def adapters_archive(brand: str, version: int, api_key: ApiKey = None) -> None:
     with _client(api_key) as client:
         v = _ok(client.delete(f"/adapters/{brand}/versions/{version}"))
     console.print(f"{brand} version {v['version']} archived")
+
+
+policy_app = typer.Typer(help="A brand's promotion gate.", no_args_is_help=True)
+adapters_app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("get")
+def policy_get(brand: str, api_key: ApiKey = None) -> None:
+    """Show BRAND's promotion gate (JSON)."""
+    with _client(api_key) as client:
+        console.print_json(json.dumps(_ok(client.get(f"/adapters/{brand}/policy"))))
+
+
+@policy_app.command("set")
+def policy_set(
+    brand: str,
+    min_improvement: Annotated[
+        float | None,
+        typer.Option(help="Least improvement over production (-1..1); default: the farm's."),
+    ] = None,
+    max_adherence_drop: Annotated[
+        float | None,
+        typer.Option(help="Largest allowed prompt-adherence drop (0..1); default: the farm's."),
+    ] = None,
+    auto_promote: Annotated[
+        bool | None,
+        typer.Option(help="Make a passing version production when its job ends."),
+    ] = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Replace BRAND's promotion gate (an option left out takes the farm's default)."""
+    body = {
+        key: value
+        for key, value in (
+            ("min_improvement", min_improvement),
+            ("max_adherence_drop", max_adherence_drop),
+            ("auto_promote", auto_promote),
+        )
+        if value is not None
+    }
+    with _client(api_key) as client:
+        console.print_json(json.dumps(_ok(client.put(f"/adapters/{brand}/policy", json=body))))
 
 
 @adapters_app.command("expire-archived")
@@ -88,10 +131,17 @@ def canary_status(brand: str, api_key: ApiKey = None) -> None:
 
 
 @canary_app.command("promote")
-def canary_promote(brand: str, api_key: ApiKey = None) -> None:
-    """Make the challenger BRAND's production version and end the canary."""
+def canary_promote(
+    brand: str,
+    force: Annotated[
+        bool, typer.Option(help="Promote even past a failing promotion gate (recorded).")
+    ] = False,
+    api_key: ApiKey = None,
+) -> None:
+    """Make the challenger BRAND's production version and end the canary (through the brand's
+    promotion gate, unless --force)."""
     with _client(api_key) as client:
-        c = _ok(client.post(f"/adapters/{brand}/canary/promote"))
+        c = _ok(client.post(f"/adapters/{brand}/canary/promote", json={"force": force}))
     console.print(f"{brand}@production → version {c['challenger']['version']}; canary ended")
 
 

@@ -206,9 +206,15 @@ def adapters_promote(
     brand: str,
     version: int,
     alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+    force: Annotated[
+        bool,
+        typer.Option(help="Promote past a failing promotion gate (recorded on the version)."),
+    ] = False,
     api_key: ApiKey = None,
 ) -> None:
-    """Point ALIAS (default production) of BRAND at VERSION: promotion and rollback alike."""
+    """Point ALIAS (default production) of BRAND at VERSION: promotion and rollback alike.
+    Production takes only a version that passes the brand's promotion gate, unless --force."""
+    body = {"version": version, **({"force": True} if force else {})}
     with _client(api_key) as client:
-        v = _ok(client.post(f"/adapters/{brand}/aliases/{alias}", json={"version": version}))
+        v = _ok(client.post(f"/adapters/{brand}/aliases/{alias}", json=body))
     console.print(f"{brand}@{alias} → version {v['version']}")

@@ -40,7 +40,7 @@ def _train_worker(config: dict) -> None:
         out = Path(tmp) / "adapter"
         train_lora(
             config["base_path"],
-            reporter.dataset(),
+            reporter.training_split()[0],
             out,
             progress=reporter.progress if rank == 0 else None,
             on_checkpoint=reporter.save_checkpoint if rank == 0 else None,

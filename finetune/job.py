@@ -43,6 +43,10 @@ class TrainingFileError(RuntimeError):
     """The job's dataset is gone or no longer matches its checksum (the message is for tenants)."""
 
 
+class EvaluationCrashed(RuntimeError):
+    """The evaluation of the trained adapter raised: the job fails and registers nothing."""
+
+
 def experiment_name(tenant_id: str) -> str:
     return f"tenant-{tenant_id}"
 
@@ -78,6 +82,8 @@ FAILURE_MESSAGES = {
     "storage_unavailable": "the object store could not be reached; create the job again",
     "registry_unavailable": "the adapter registry could not be reached; create the job again",
     "training_failed": "training failed with an internal error; the operators have the details",
+    "evaluation_failed": "the evaluation of the trained adapter failed, so nothing was "
+    "registered; the operators have the details",
 }
 
 
@@ -88,6 +94,8 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
 
     if isinstance(e, TrainingFileError):
         return "invalid_training_file", str(e)
+    if isinstance(e, EvaluationCrashed):
+        return "evaluation_failed", FAILURE_MESSAGES["evaluation_failed"]
     if isinstance(e, StorageError):
         return "storage_unavailable", FAILURE_MESSAGES["storage_unavailable"]
     if isinstance(e, mlflow.exceptions.MlflowException | ConnectionError | TimeoutError):
@@ -200,6 +208,15 @@ class JobReporter:
                 f"training file {record.id} does not match its recorded sha256; upload it again"
             )
         return read_dataset_zip(data)
+
+    def training_split(self) -> tuple[list, list]:
+        """(training images, held-out images) of the dataset: the held-out ones are for the
+        evaluation and never trained on (the same split in every worker and attempt)."""
+        from finetune.evaluation import split_heldout
+
+        return split_heldout(
+            self.dataset(), self.settings.fine_tune_eval_heldout_images, self.job.spec["seed"]
+        )
 
     def latest_checkpoint(self, announce: bool = True) -> dict | None:
         """The newest complete checkpoint, read as safetensors and JSON (nothing unpickled)."""
@@ -342,8 +359,11 @@ class Worker:
         base = ensure_base_model(
             job.base_model, self.settings.state_path / "models", self.settings.max_image_side
         )
-        examples = reporter.dataset()
-        reporter.event(f"dataset loaded: {len(examples)} images")
+        examples, heldout = reporter.training_split()
+        reporter.event(
+            f"dataset loaded: {len(examples) + len(heldout)} images, {len(heldout)} held out "
+            "for evaluation"
+        )
         resume = reporter.latest_checkpoint()
         if resume is None:
             mlflow.log_params(
@@ -355,6 +375,7 @@ class Worker:
                     "seed": spec["seed"],
                     "training_file": job.training_file,
                     "images": len(examples),
+                    "heldout_images": len(heldout),
                 }
             )
         workers = hp.get("workers", 1)
@@ -392,6 +413,7 @@ class Worker:
             )
             if done:
                 return done[0].version
+            figures = self._evaluate(job, base, out, examples + heldout, heldout, registry)
             version = registry.register(
                 job.tenant_id,
                 job.brand,
@@ -407,10 +429,91 @@ class Worker:
                     "rank": str(hp["rank"]),
                     "alpha": str(hp["alpha"]),
                     "steps": str(hp["steps"]),
+                    **figures.to_tags(),
                 },
             )
         reporter.event(f"registered {job.tenant_id}.{job.brand} v{version.version}")
+        try:
+            self._auto_promote(reporter, registry, version)
+        except Exception as e:  # noqa: BLE001 - the version stands; promotion can be redone
+            log.warning("job %s: gate/auto-promotion failed: %s", job.id, e)
+            reporter.jobs.add_event(
+                job.id, "the promotion gate could not be checked; promote by hand", level="warning"
+            )
         return version.version
+
+    def _evaluate(self, job, base, adapter_dir, dataset, heldout, registry):  # noqa: ANN001, ANN202
+        """Base vs. production vs. this adapter on the held-out prompts (`finetune.evaluation`):
+        metrics and the grid go to the run; the figures become the version's `eval.*` tags.
+        Any error is `EvaluationCrashed`: the job fails and registers nothing."""
+        import mlflow
+
+        from finetune.evaluation import eval_prompts, evaluate, infer_brand
+        from registry.adapters import PRODUCTION, AdapterNotFound, AdapterRef
+        from registry.base_models import SHAPES, load_pipeline, select_device
+
+        s = self.settings
+        try:
+            production = None
+            if job.brand in registry.brands(job.tenant_id):
+                with contextlib.suppress(AdapterNotFound):
+                    production = registry.resolve(job.tenant_id, AdapterRef(job.brand, PRODUCTION))
+            prompts = eval_prompts(
+                job.spec.get("eval_prompts"), heldout, s.fine_tune_eval_max_prompts
+            )
+            if not prompts:
+                prompts = [caption for _, caption in dataset[: s.fine_tune_eval_max_prompts]]
+            pipe = load_pipeline(base, select_device(s.device))
+            with tempfile.TemporaryDirectory() as tmp:
+                production_dir = None
+                if production is not None:
+                    production_dir = Path(tmp)
+                    registry.download(production, production_dir)
+                result = evaluate(
+                    pipe,
+                    adapter_dir,
+                    production_dir,
+                    prompts,
+                    heldout,
+                    steps=s.fine_tune_eval_steps,
+                    size=s.fine_tune_eval_size or base.native_size,
+                    guidance_scale=base.default_guidance_scale,
+                    loss_draws=s.fine_tune_eval_loss_draws,
+                    brand=infer_brand(job.brand, dataset) if base.id == SHAPES else None,
+                    production_version=production.version if production else None,
+                )
+            figures = result.figures
+            mlflow.log_metrics(
+                {
+                    f"eval.{variant}.{name}": value
+                    for variant, scores in figures.scores.items()
+                    for name, value in scores.items()
+                }
+            )
+            mlflow.log_image(result.grid, "eval/grid-base-production-candidate.png")
+            mlflow.log_dict({"prompts": list(prompts)}, "eval/prompts.json")
+        except Exception as e:
+            raise EvaluationCrashed(f"evaluation failed: {type(e).__name__}: {e}") from e
+        against = f"production v{production.version}" if production else "the base model"
+        shown = ", ".join(
+            f"{variant} {name} {value:.3f}"
+            for variant in ("candidate", figures.reference)
+            for name, value in figures.scores[variant].items()
+        )
+        JobReporter(s, job).event(f"evaluated against {against}: {shown}")
+        return figures
+
+    def _auto_promote(self, reporter: JobReporter, registry, version) -> None:  # noqa: ANN001
+        """Tag the gate decision; with the brand's `auto_promote`, a passing version becomes
+        production (`registry.promotion.after_registration`, the alias route's own path)."""
+        from registry.promotion import after_registration, default_policy, read_policy
+
+        default = default_policy(self.settings)
+        decision, promoted = after_registration(registry, version, default)
+        if promoted:
+            reporter.event(f"promoted v{version.version} to production (auto_promote)")
+        elif read_policy(registry, version.tenant, version.brand, default).auto_promote:
+            reporter.event(f"not promoted automatically: {decision.summary()}")
 
     def _log_validation(self, base, adapter_dir: Path, spec: dict) -> None:  # noqa: ANN001
         """Base vs. adapter, side by side, at fixed seeds, for each validation prompt."""

@@ -313,6 +313,37 @@ class AdapterRegistry:
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self._tag(version.name, version.version, WEIGHTS_DELETED_TAG, stamp)
 
+    def brand_tags(self, tenant: str, brand: str) -> dict[str, str]:
+        """The tags of the brand's registered model (its promotion policy lives there);
+        `AdapterNotFound` for a missing or foreign brand."""
+        name = registered_model_name(tenant, brand)
+        model = self._mlflow(
+            f"get {name}",
+            self.client.get_registered_model,
+            name,
+            missing=AdapterNotFound(f"no adapter {brand!r} for this tenant"),
+        )
+        return dict(model.tags or {})
+
+    def set_brand_tags(self, tenant: str, brand: str, tags: dict[str, str]) -> None:
+        name = registered_model_name(tenant, brand)
+        self.brand_tags(tenant, brand)  # AdapterNotFound before writing anything
+        for key, value in tags.items():
+            self._mlflow(f"tag {name}", self.client.set_registered_model_tag, name, key, str(value))
+
+    def set_version_tags(self, tenant: str, brand: str, version: int, tags: dict[str, str]) -> None:
+        name = registered_model_name(tenant, brand)
+        check_version(version)
+        for key, value in tags.items():
+            self._tag(name, version, key, str(value))
+
+    def append_run_note(self, run_id: str, text: str) -> None:
+        """Add a paragraph to the run's note (MLflow's ``mlflow.note.content`` tag)."""
+        run = self._mlflow(f"get run {run_id}", self.client.get_run, run_id)
+        before = run.data.tags.get("mlflow.note.content", "")
+        note = f"{before}\n\n{text}" if before else text
+        self._mlflow(f"note run {run_id}", self.client.set_tag, run_id, "mlflow.note.content", note)
+
     def _set_alias(self, name: str, alias: str, version: int) -> None:
         self._mlflow(
             f"set alias {alias} of {name}",

@@ -364,6 +364,42 @@ class Settings(BaseSettings):
     fine_tune_checkpoints_keep: int = Field(
         2, ge=1, le=100, description="Newest checkpoints a running job keeps (older are deleted)."
     )
+    # Evaluation after every fine-tune (`finetune.evaluation`): every job pays for it, so the
+    # defaults are small. Held-out images are never trained on.
+    fine_tune_eval_heldout_images: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Images held out of training for evaluation (at most a quarter of the "
+        "dataset); their captions are the prompts when the job gives no eval_prompts.",
+    )
+    fine_tune_eval_max_prompts: int = Field(
+        8, ge=1, le=64, description="Most prompts an evaluation renders (and a job's eval_prompts)."
+    )
+    fine_tune_eval_steps: int = Field(
+        20, ge=1, le=200, description="Denoising steps of each evaluation render."
+    )
+    fine_tune_eval_size: int | None = Field(
+        None, ge=8, le=2048, description="Side of evaluation renders; unset: the model's native."
+    )
+    fine_tune_eval_loss_draws: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Fixed (timestep, noise) draws per held-out image of heldout_denoise_loss.",
+    )
+    # The promotion gate's defaults, for brands without a policy (`registry/promotion.py`).
+    promotion_min_improvement: float = Field(
+        0.10,
+        ge=-1.0,
+        le=1.0,
+        description="Default least improvement over production (or the base model) a version "
+        "needs to become production: brand_score gain on the built-in model, else the relative "
+        "drop of heldout_denoise_loss.",
+    )
+    promotion_max_adherence_drop: float = Field(
+        0.10, ge=0.0, le=1.0, description="Default largest allowed drop in prompt adherence."
+    )
     job_reconcile_interval_s: float = Field(
         15.0, gt=0, le=3600, description="Seconds between the ingress's job-vs-Ray-job checks."
     )

@@ -1,4 +1,5 @@
-"""Routes of one brand's adapter versions: list them, read one with its lineage, archive one.
+"""Routes of one brand's adapter versions: list them, read one with its lineage, archive one;
+and the brand's promotion policy (`GET/PUT /v1/adapters/{brand}/policy`).
 
 `DELETE /v1/adapters/{brand}/versions/{version}` archives (nothing is deleted at once): the
 version disappears from listings and resolution, answers 409 naming the alias while an alias
@@ -12,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from registry.adapter_refs import MAX_VERSION
-from serve.adapters import AdapterService
+from serve.adapters import AdapterService, PolicyRequest
 from serve.api import Tenant, documented
 
 Version = Annotated[int, Path(ge=1, le=MAX_VERSION, description="The version number.")]
@@ -37,5 +38,13 @@ def adapter_versions_router(adapters: AdapterService) -> APIRouter:
     @router.delete("/v1/adapters/{brand}/versions/{version}", responses=documented(404, 409, 503))
     async def archive_adapter_version(brand: str, version: Version, tenant: Tenant) -> dict:
         return await adapters.archive(tenant, brand, version)
+
+    @router.get("/v1/adapters/{brand}/policy", responses=documented(404, 503))
+    async def get_adapter_policy(brand: str, tenant: Tenant) -> dict:
+        return await adapters.get_policy(tenant, brand)
+
+    @router.put("/v1/adapters/{brand}/policy", responses=documented(400, 404, 503))
+    async def put_adapter_policy(brand: str, body: PolicyRequest, tenant: Tenant) -> dict:
+        return await adapters.put_policy(tenant, brand, body)
 
     return router

@@ -2,9 +2,12 @@
 counts; move aliases; run a canary on the production alias.
 
 Promotion and rollback are the same call: point an alias (`production`, `staging`, ...) at a
-version. Serving reads aliases on the next request; nothing is redeployed. A canary
-(`registry.canary`) splits `production` between the champion and a challenger; promoting the
-challenger goes through that same alias call.
+version. Serving reads aliases on the next request; nothing is redeployed. Moving `production`
+goes through the brand's promotion gate (`registry.promotion`): a version that fails it answers
+409 `evaluation_failed` with the figures unless the body says `force: true`. The gate's policy is
+read and replaced with `GET/PUT /v1/adapters/{brand}/policy`. A canary (`registry.canary`)
+splits `production` between the champion and a challenger; promoting the challenger goes
+through that same alias call, gate included.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
+from registry import promotion
 from registry.adapter_refs import MAX_VERSION, PRODUCTION, check_alias, check_name
 from registry.adapters import (
     WEIGHTS_DELETED_TAG,
@@ -36,10 +40,44 @@ from serve.request_context import request_logger
 log = request_logger(__name__)
 
 
+class CanaryPromoteRequest(BaseModel):
+    model_config = STRICT_BODY
+    force: bool = Field(
+        False,
+        description="Promote the challenger even past a failing promotion gate (recorded on "
+        "the version and its MLflow run).",
+    )
+
+
 class AliasRequest(BaseModel):
     model_config = STRICT_BODY
     version: int = Field(
         ge=1, le=MAX_VERSION, description="The version the alias points to from now on."
+    )
+    force: bool = Field(
+        False,
+        description="Move production even past a failing promotion gate (recorded on the "
+        "version and its MLflow run).",
+    )
+
+
+class PolicyRequest(BaseModel):
+    """A brand's promotion gate. PUT replaces it: an omitted field takes the farm's default."""
+
+    model_config = STRICT_BODY
+    min_improvement: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Least improvement over production (or the base model when there is none): "
+        "brand_score gain on the built-in model, else the relative drop of heldout_denoise_loss. "
+        "-1..1.",
+    )
+    max_adherence_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="Largest allowed drop in prompt adherence, 0..1."
+    )
+    auto_promote: bool | None = Field(
+        None, description="Make a version that passes its gate production when its job ends."
     )
 
 
@@ -135,6 +173,7 @@ class AdapterService:
         tenants: TenantDirectory | None = None,
         db_pool: BlockingPool | None = None,
         on_alias_moved: Callable[[str, str, str], Awaitable[None]] | None = None,
+        default_policy: promotion.PromotionPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool or BlockingPool("registry", 4)
@@ -143,6 +182,7 @@ class AdapterService:
         self.db_pool = db_pool or BlockingPool("db", 2)
         # (tenant, brand, source): drops cached alias answers on every ingress (serve.alias_events)
         self.on_alias_moved = on_alias_moved
+        self.default_policy = default_policy or promotion.PromotionPolicy()
 
     def _list(
         self,
@@ -218,6 +258,14 @@ class AdapterService:
             raise APIError(409, str(e), param="version", code="canary_conflict") from None
         except CanaryNotFound as e:
             raise APIError(404, str(e), param="brand", code="canary_not_found") from None
+        except promotion.EvaluationFailed as e:
+            raise APIError(
+                409,
+                str(e),
+                param="version",
+                code="evaluation_failed",
+                details={"gate": e.decision.to_dict()},
+            ) from None
         except RegistryError as e:
             log.error("%s failed: %s", what, e)
             raise registry_unavailable() from None
@@ -239,11 +287,12 @@ class AdapterService:
             )
         version = await self._call(
             f"setting alias {alias} of {brand}",
-            self.registry.set_alias,
+            self._promote,
             tenant_id,
             brand,
             alias,
             req.version,
+            req.force,
         )
         await self._moved(tenant_id, brand)
         return version_object(version)
@@ -282,14 +331,16 @@ class AdapterService:
         usage = await self._canary_usage(tenant_id, started)
         return canary_object(brand, started, "running", usage)
 
-    async def promote_canary(self, tenant_id: str, brand: str) -> dict:
+    async def promote_canary(self, tenant_id: str, brand: str, force: bool = False) -> dict:
         """Point `production` at the challenger (the same call as any promotion, with its
         checks), then end the canary. A refused promotion leaves the canary running."""
         _check_brand(brand)
         running = await self._call(
             f"reading the canary of {brand}", self._running, tenant_id, brand
         )
-        await self.set_alias(tenant_id, brand, PRODUCTION, AliasRequest(version=running.challenger))
+        await self.set_alias(
+            tenant_id, brand, PRODUCTION, AliasRequest(version=running.challenger, force=force)
+        )
         await self._call(
             f"ending the canary of {brand}", self.registry.end_canary, tenant_id, brand
         )
@@ -312,6 +363,58 @@ class AdapterService:
         if running is None:
             raise CanaryNotFound(f"adapter {brand!r} has no canary running")
         return running
+
+    def _promote(
+        self, tenant_id: str, brand: str, alias: str, version: int, force: bool
+    ) -> AdapterVersion:
+        return promotion.promote(
+            self.registry,
+            tenant_id,
+            brand,
+            alias,
+            version,
+            default=self.default_policy,
+            force=force,
+            by=f"tenant {tenant_id} over the API",
+        )
+
+    async def get_policy(self, tenant_id: str, brand: str) -> dict:
+        _check_brand(brand)
+        policy = await self._call(
+            f"reading the policy of {brand}",
+            promotion.read_policy,
+            self.registry,
+            tenant_id,
+            brand,
+            self.default_policy,
+        )
+        return policy_object(brand, policy)
+
+    async def put_policy(self, tenant_id: str, brand: str, req: PolicyRequest) -> dict:
+        _check_brand(brand)
+        d = self.default_policy
+        policy = promotion.PromotionPolicy(
+            min_improvement=d.min_improvement
+            if req.min_improvement is None
+            else req.min_improvement,
+            max_adherence_drop=(
+                d.max_adherence_drop if req.max_adherence_drop is None else req.max_adherence_drop
+            ),
+            auto_promote=d.auto_promote if req.auto_promote is None else req.auto_promote,
+        )
+        await self._call(
+            f"writing the policy of {brand}",
+            promotion.write_policy,
+            self.registry,
+            tenant_id,
+            brand,
+            policy,
+        )
+        return policy_object(brand, policy)
+
+
+def policy_object(brand: str, policy: promotion.PromotionPolicy) -> dict:
+    return {"object": "adapter.policy", "brand": brand, **policy.to_dict()}
 
 
 def _check_brand(brand: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve.adapters import AdapterService, CanaryRequest
+from serve.adapters import AdapterService, CanaryPromoteRequest, CanaryRequest
 from serve.api import Tenant, documented
 
 
@@ -31,10 +31,13 @@ def canary_router(adapters: AdapterService) -> APIRouter:
         return await adapters.start_canary(tenant, brand, body)
 
     @router.post("/v1/adapters/{brand}/canary/promote", responses=documented(404, 409, 503))
-    async def promote_adapter_canary(brand: str, tenant: Tenant) -> dict:
+    async def promote_adapter_canary(
+        brand: str, tenant: Tenant, body: CanaryPromoteRequest | None = None
+    ) -> dict:
         """Point `production` at the challenger (as `POST .../aliases/production` does, with
-        its checks) and end the canary."""
-        return await adapters.promote_canary(tenant, brand)
+        its checks: a failing promotion gate answers 409 `evaluation_failed` unless the body
+        says `force: true`) and end the canary."""
+        return await adapters.promote_canary(tenant, brand, force=bool(body and body.force))
 
     @router.delete("/v1/adapters/{brand}/canary", responses=documented(404, 503))
     async def drop_adapter_canary(brand: str, tenant: Tenant) -> dict:

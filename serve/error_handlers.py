@@ -26,9 +26,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    details: dict | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(status, message, param, code), status_code=status, headers=headers
+        error_body(status, message, param, code, details), status_code=status, headers=headers
     )
 
 
@@ -116,7 +117,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("answered %s %s: %s", exc.status, exc.code, exc.message)
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(
+            exc.status, exc.message, exc.param, exc.code, exc.headers, exc.details
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,6 +33,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -40,6 +41,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+        self.details = details  # extra fields of the error object (e.g. a gate's figures)
 
 
 class InvalidField(APIError):
@@ -88,7 +90,11 @@ def _printable(text: str | None) -> str | None:
 
 
 def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    details: dict | None = None,
 ) -> dict:
     return {
         "error": {
@@ -96,6 +102,7 @@ def error_body(
             "type": error_type(status),
             "param": _printable(param),
             "code": code,
+            **(details or {}),
         }
     }
 

@@ -54,6 +54,11 @@ class FineTuneJobRequest(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int | None = Field(None, description="Training seed; drawn when omitted.")
     validation_prompts: list[Text] | None = Field(None, description="Rendered base vs adapter.")
+    eval_prompts: list[Text] | None = Field(
+        None,
+        description="Held-out prompts the evaluation renders (base, production, new version); "
+        "default: captions of images held out of training. 1..fine_tune_eval_max_prompts.",
+    )
     webhook_url: Text | None = Field(
         None, description="Where this job's events go (default: the tenant's webhook URL)."
     )
@@ -139,6 +144,20 @@ class JobService:
                     "validation_prompts",
                     f"each validation prompt must be 1..{s.max_prompt_chars} characters",
                 )
+        eval_prompts = req.eval_prompts
+        if eval_prompts is not None:
+            if not 1 <= len(eval_prompts) <= s.fine_tune_eval_max_prompts:
+                raise InvalidField(
+                    "eval_prompts",
+                    f"eval_prompts must hold 1..{s.fine_tune_eval_max_prompts} prompts, "
+                    f"got {len(eval_prompts)}",
+                )
+            for p in eval_prompts:
+                if not p.strip() or len(p) > s.max_prompt_chars:
+                    raise InvalidField(
+                        "eval_prompts",
+                        f"each eval prompt must be 1..{s.max_prompt_chars} characters",
+                    )
         webhook_url = check_webhook_url(req.webhook_url, s) if req.webhook_url else None
         training = self.files.get(tenant_id, req.training_file)
         if training is None:
@@ -159,6 +178,7 @@ class JobService:
             "hyperparameters": {**hp.model_dump(), "resolution": self.model.native_size},
             "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
             "validation_prompts": prompts,
+            "eval_prompts": eval_prompts,
             "webhook_url": webhook_url,
         }
 

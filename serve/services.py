@@ -19,6 +19,7 @@ from registry.files import FileCatalog
 from registry.jobs import JobStore
 from registry.limits import TenantLimits
 from registry.near_duplicates import ImageHashIndex
+from registry.promotion import default_policy
 from registry.render_limits import RenderLimiter
 from registry.render_queue import RenderQueueStore
 from registry.retention import RetentionSweeper
@@ -128,7 +129,12 @@ def build_services(
         ),
         jobs=jobs,
         adapters=AdapterService(
-            registry, pools.registry, tenants, pools.db, on_alias_moved=alias_events.changed
+            registry,
+            pools.registry,
+            tenants,
+            pools.db,
+            on_alias_moved=alias_events.changed,
+            default_policy=default_policy(settings),
         ),
         alias_events=alias_events,
         max_request_bytes=settings.max_request_bytes,

@@ -117,6 +117,15 @@ def test_job_trains_logs_and_registers(farm, tenant, tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 8
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
     assert artifacts and artifacts[0].endswith("base-vs-adapter.png")
+    # The evaluation (issue 15): 2 of the 8 images held out, scored for base and candidate (no
+    # production yet), the grid in the run, the figures as version tags.
+    assert "dataset loaded: 8 images, 2 held out for evaluation" in [e["message"] for e in events]
+    assert run.data.params["images"] == "6" and run.data.params["heldout_images"] == "2"
+    for variant in ("base", "candidate"):
+        for score in ("heldout_denoise_loss", "brand_score", "prompt_adherence"):
+            assert f"eval.{variant}.{score}" in run.data.metrics, (variant, score)
+    evaluated = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
+    assert "eval/grid-base-production-candidate.png" in evaluated, evaluated
 
     # The registry: every tag, alias staging, the weights download with a matching checksum.
     [version] = _job_versions(farm, "tune-co", "acme", job["id"])
@@ -135,6 +144,9 @@ def test_job_trains_logs_and_registers(farm, tenant, tmp_path):
     ):
         assert version.tags.get(tag), tag
     assert version.tags["trigger_word"] == TRIGGER and "staging" in version.aliases
+    assert version.tags["eval.reference"] == "base" and version.tags["eval.heldout_images"] == "2"
+    assert float(version.tags["eval.candidate.brand_score"]) >= 0
+    assert version.tags["eval.gate"] in ("pass", "fail")
     registry = AdapterRegistry(farm.settings.resolved_mlflow_uri)
     assert registry.download(version, tmp_path).stat().st_size > 0
 
@@ -323,6 +335,9 @@ def test_reconciler_fails_jobs_whose_supervisor_or_ray_job_died(farm, tenant):
         ({"hyperparameters": {"learning_rate": 5}}, "hyperparameters.learning_rate", 400),
         ({"hyperparameters": {"resolution": 1000}}, "hyperparameters.resolution", 400),
         ({"validation_prompts": ["p"] * 9}, "validation_prompts", 400),
+        ({"eval_prompts": []}, "eval_prompts", 400),
+        ({"eval_prompts": ["p"] * 9}, "eval_prompts", 400),
+        ({"eval_prompts": [" "]}, "eval_prompts", 400),
         ({"training_file": "file-nope"}, "training_file", 404),
         ({"base_model": "sdxl"}, "base_model", 404),
         ({"unknown": 1}, "unknown", 400),
@@ -355,6 +370,12 @@ def test_another_tenants_jobs_and_files_are_404(farm, tenant):
 
 def test_cli_submit_wait_and_adapters_api(farm, tenant, tmp_path):
     key, _ = tenant
+    # The promotion gate (issue 15): with auto_promote and a gate that lets anything through,
+    # the next version becomes production by itself when its job ends.
+    policy = ["adapters", "policy", "set", "acme", "--auto-promote", "--min-improvement", "-1"]
+    policy += ["--max-adherence-drop", "1"]
+    set_policy = CliRunner().invoke(cli_app, policy, env=farm.cli_env(key))
+    assert set_policy.exit_code == 0 and '"auto_promote": true' in set_policy.output, set_policy
     # A second version of acme (the first came from test_job_trains_logs_and_registers),
     # submitted the way a person would: `brandfarm finetune submit --wait`.
     data = write_brand_zip(tmp_path / "acme.zip", "acme", n=6, seed=4)
@@ -386,15 +407,49 @@ def test_cli_submit_wait_and_adapters_api(farm, tenant, tmp_path):
         brands = {b["brand"]: b for b in c.get("/adapters").json()["data"]}
         acme = {v["version"]: v for v in brands["acme"]["versions"]}
         assert "staging" in acme[v2]["aliases"] and acme[v2]["tags"]["job_id"] == job["id"]
+        assert "production" in acme[v2]["aliases"]  # auto_promote
+        events = c.get(f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()
+        assert f"promoted v{v2} to production (auto_promote)" in [
+            e["message"] for e in events["data"]
+        ]
+        # A strict gate: a few-step version cannot gain 0.5 brand_score over the base model.
+        strict = c.put("/adapters/acme/policy", json={"min_improvement": 0.5})
+        assert strict.status_code == 200 and strict.json()["auto_promote"] is False, strict.text
+        assert c.get("/adapters/acme/policy").json()["min_improvement"] == 0.5
+        refused = c.post("/adapters/acme/aliases/production", json={"version": 1})
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "evaluation_failed" and error["gate"]["reference"] == "base"
+        assert error["gate"]["metric"] == "brand_score" and error["gate"]["improvement"] < 0.5
         for version in (1, v2, 1):  # promote, promote, roll back: the same call
-            r = c.post("/adapters/acme/aliases/production", json={"version": version})
+            r = c.post(
+                "/adapters/acme/aliases/production", json={"version": version, "force": True}
+            )
             assert r.status_code == 200 and "production" in r.json()["aliases"], r.text
+        forced = c.get("/adapters/acme/versions/1").json()
+        assert (
+            forced["tags"]["promotion.forced_at"]
+            and "0.5" in forced["tags"]["promotion.forced_reason"]
+        )
         listed = CliRunner().invoke(cli_app, ["adapters", "list"], env=farm.cli_env(key))
         assert listed.exit_code == 0 and "production" in listed.output
+        gated = CliRunner().invoke(
+            cli_app, ["adapters", "promote", "acme", str(v2)], env=farm.cli_env(key)
+        )
+        assert gated.exit_code == 1 and "error 409" in gated.output, gated.output
         promoted = CliRunner().invoke(
-            cli_app, ["adapters", "promote", "acme", "1"], env=farm.cli_env(key)
+            cli_app, ["adapters", "promote", "acme", "1", "--force"], env=farm.cli_env(key)
         )
         assert promoted.exit_code == 0 and "acme@production → version 1" in promoted.output
+        shown = CliRunner().invoke(
+            cli_app, ["adapters", "policy", "get", "acme"], env=farm.cli_env(key)
+        )
+        assert shown.exit_code == 0 and '"min_improvement": 0.5' in shown.output
+        unknown = c.put("/adapters/acme/policy", json={"min_improvment": 0.1})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "min_improvment"
+        out_of_range = c.put("/adapters/acme/policy", json={"min_improvement": 2})
+        assert out_of_range.status_code == 400
+        assert out_of_range.json()["error"]["param"] == "min_improvement"
         acme = {v["version"]: v for v in c.get("/adapters").json()["data"][0]["versions"]}
         assert "production" in acme[1]["aliases"] and "production" not in acme[v2]["aliases"]
         assert c.post("/adapters/acme/aliases/production", json={"version": 99}).status_code == 404
@@ -405,6 +460,12 @@ def test_cli_submit_wait_and_adapters_api(farm, tenant, tmp_path):
         assert c.get("/adapters").json()["data"] == []
         r = c.post("/adapters/acme/aliases/production", json={"version": 1})
         missing = c.post("/adapters/no-such-brand/aliases/production", json={"version": 1})
+        foreign_policy = c.get("/adapters/acme/policy")
+        put_foreign = c.put("/adapters/acme/policy", json={"auto_promote": True})
+        missing_policy = c.get("/adapters/no-such-brand/policy")
+    assert (
+        foreign_policy.status_code == put_foreign.status_code == missing_policy.status_code == 404
+    )
     assert r.status_code == missing.status_code == 404
     assert r.json()["error"]["message"].replace("acme", "X") == missing.json()["error"][
         "message"

@@ -43,3 +43,11 @@ def test_internal_failures_become_a_code_and_a_plain_sentence(error, code):
 def test_a_training_file_problem_is_told_as_is():
     error = TrainingFileError("training file file-1 does not match its recorded sha256")
     assert describe_failure(error) == ("invalid_training_file", str(error))
+
+
+def test_a_crashed_evaluation_is_its_own_code_without_internals():
+    from finetune.job import EvaluationCrashed
+
+    code, message = describe_failure(EvaluationCrashed(f"evaluation failed: KeyError {INTERNAL}"))
+    assert code == "evaluation_failed" and "nothing was registered" in message
+    assert "10.0.3.7" not in message and "KeyError" not in message

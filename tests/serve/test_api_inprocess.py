@@ -149,6 +149,8 @@ def test_unknown_adapter_with_mlflow_refusing_is_503_on_every_adapter_route(loca
                 await c.post(RENDER, json={**TINY, "adapter": "acme"}),
                 await c.post(RENDER, json={**TINY, "adapter": "acme@staging"}),
                 await c.post(RENDER, json={**TINY, "adapter": "acme:3"}),
+                await c.get("/v1/adapters/acme/policy"),
+                await c.put("/v1/adapters/acme/policy", json={"auto_promote": True}),
             ]
 
     for r in run(go()):
