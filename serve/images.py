@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -215,23 +214,37 @@ class ImageService:
             raise
         return keys
 
-    async def _resolve(self, tenant_id: str, req: ImageGenerationRequest) -> AdapterSpec | None:
-        """The concrete adapter version the request names (404 if the tenant has no such)."""
-        parsed = self.limits.adapter(req)
-        if parsed is None:
-            return None
+    async def _resolve(
+        self, tenant_id: str, req: ImageGenerationRequest
+    ) -> tuple[AdapterSpec, ...]:
+        """The concrete adapter versions the request names, in its order: 404 if the tenant
+        has no such brand, whichever entry names it (another tenant's brand is "no such");
+        400 if two entries resolve to the same version."""
+        parsed = self.limits.adapters(req)
+        if not parsed:
+            return ()
         if self.adapters is None:
-            raise InvalidField("adapter", "this server renders the base model only")
-        ref, scale = parsed
-        try:
-            return await self.pools.registry.run(self.adapters.resolve, tenant_id, ref, scale)
-        except AdapterNotFound as e:
-            raise APIError(404, str(e), param="adapter", code="adapter_not_found") from None
-        except RegistryError as e:
-            log.error("resolving adapter %s failed: %s", ref, e)
-            raise registry_unavailable() from None
-        except AdapterLoadError as e:
-            raise e.as_api_error() from None
+            raise InvalidField(parsed[0][0], "this server renders the base model only")
+        specs: list[AdapterSpec] = []
+        for field, ref, scale in parsed:
+            try:
+                spec = await self.pools.registry.run(self.adapters.resolve, tenant_id, ref, scale)
+            except AdapterNotFound as e:
+                raise APIError(404, str(e), param=field, code="adapter_not_found") from None
+            except RegistryError as e:
+                log.error("resolving adapter %s failed: %s", ref, e)
+                raise registry_unavailable() from None
+            except AdapterLoadError as e:
+                raise e.as_api_error() from None
+            twin = next((s for s in specs if s.model_id == spec.model_id), None)
+            if twin is not None:
+                raise InvalidField(
+                    field,
+                    f"{spec.ref!r} and {twin.ref!r} are both {spec.brand} version "
+                    f"{spec.version}; list each adapter version once with its scale",
+                )
+            specs.append(spec)
+        return tuple(specs)
 
     async def _render(self, job: RenderJob) -> list[RenderedImage]:
         try:
@@ -277,8 +290,8 @@ class ImageService:
         # The adapter lookup counts against the tenant's in-flight limit too: a tenant cannot
         # queue more than its share of lookups on the registry's pool.
         async with self._slot(tenant_id, len(job.seeds)) as admission:
-            adapter = await self._resolve(tenant_id, req)
-            job = dataclasses.replace(job, adapter=adapter)
+            job = job.with_adapters(await self._resolve(tenant_id, req))
+            adapter = job.adapter
             images = await self._render(job)
             near: list[dict | None] = [None] * len(images)
             if self.near_duplicates is not None:  # a block (422) stores and charges nothing
@@ -327,6 +340,7 @@ class ImageService:
             model=self.limits.model.id,
             data=data,
             adapter=adapter.describe() if adapter else None,
+            adapters=[spec.describe() for spec in job.adapters],
             output_format=req.output_format,
             origin=origin,
         )
@@ -339,7 +353,7 @@ class ImageService:
         await self._moderate(tenant_id, req)
         if self.tenant_limits is not None:
             await self.tenant_limits.check_stored_bytes(tenant_id)
-        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req))
+        return job.with_adapters(await self._resolve(tenant_id, req))
 
     async def store_images(
         self,
