@@ -141,9 +141,9 @@ def step(
     One UNet call runs all rows (a guided row is two UNet rows), and each row uses its own
     adapters (peft's per-adapter sub-batches, `LoraRouter`'s lanes). With `invariant`, the
     call computes every row batch-invariantly: its products, the adapters' sub-batch products
-    included, run through `invariant.batch_invariant`, and a call of one row is padded to two. A row's result is then
-    bit-identical however many rows share its call and whoever they are (docs/architecture.md,
-    "Pixel identity").
+    included, run through `invariant.batch_invariant`, and a call of one row is padded to two.
+    A row's result is then bit-identical however many rows share its call and whoever they are
+    (docs/architecture.md, "Pixel identity").
     """
     import torch
 
