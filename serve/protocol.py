@@ -262,16 +262,16 @@ class RenderLimits:
             try:
                 ref = AdapterRef.parse(entry.adapter)
             except ValueError as e:
-                raise InvalidField(f"adapters[{i}].adapter", str(e)) from None
+                raise InvalidField(f"adapters.{i}.adapter", str(e)) from None
             if str(ref) in seen:
                 raise InvalidField(
-                    f"adapters[{i}].adapter",
+                    f"adapters.{i}.adapter",
                     f"adapter {str(ref)!r} is listed twice (adapters[{seen[str(ref)]}] and "
                     f"adapters[{i}]); list each adapter once with its scale",
                 )
             seen[str(ref)] = i
-            self._check_scale(f"adapters[{i}].scale", entry.scale)
-            parsed.append((f"adapters[{i}].adapter", ref, entry.scale))
+            self._check_scale(f"adapters.{i}.scale", entry.scale)
+            parsed.append((f"adapters.{i}.adapter", ref, entry.scale))
         return parsed
 
     def _check_scale(self, field: str, scale: float) -> None:
