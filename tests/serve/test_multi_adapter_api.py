@@ -10,10 +10,13 @@ import asyncio
 import pytest
 
 from registry.settings import Settings
+from serve.errors import InvalidField
+from serve.protocol import ImageGenerationRequest, RenderLimits
 from tests.serve.conftest import SilentServer, client
 
 TINY = {"prompt": "a red circle", "steps": 1, "size": "64x64"}
 MAX = 2  # max_adapters_per_request of these services
+NAN = float("nan")
 
 
 def entries(*refs: str) -> list[dict]:
@@ -68,3 +71,23 @@ def test_max_adapters_per_request_must_fit_a_replica(tmp_path):
     # Left at its default, it fits itself to a smaller replica.
     assert Settings(state_dir=tmp_path, max_adapters_per_replica=2).max_adapters_per_request == 2
     assert Settings(state_dir=tmp_path).max_adapters_per_request == 3
+
+
+def test_an_adapter_list_parses_in_request_order_with_default_scales():
+    from tests.serve.test_protocol import MODEL
+
+    limits = RenderLimits.from_settings(Settings(max_adapters_per_request=3), MODEL)
+    body = {"adapters": [{"adapter": "texture@staging", "scale": 0.5}, {"adapter": "acme"}]}
+    req = ImageGenerationRequest(prompt="a cat", **body)
+    parsed = limits.adapters(req)
+    assert [(f, str(ref), scale) for f, ref, scale in parsed] == [
+        ("adapters.0.adapter", "texture@staging", 0.5),
+        ("adapters.1.adapter", "acme@production", 1.0),
+    ]
+    assert limits.check(req).adapters == ()  # resolved later, by the ingress
+    single = ImageGenerationRequest(prompt="a cat", adapter="acme:3", adapter_scale=0.3)
+    assert [(f, str(r), s) for f, r, s in limits.adapters(single)] == [("adapter", "acme:3", 0.3)]
+    nan = ImageGenerationRequest(prompt="a cat", adapters=[{"adapter": "acme", "scale": NAN}])
+    with pytest.raises(InvalidField) as e:
+        limits.adapters(nan)
+    assert e.value.param == "adapters.0.scale"
