@@ -219,7 +219,7 @@ class DiffusionEngine:
         if len(weights) != len(specs):
             raise ValueError(
                 f"job names {len(specs)} adapters ({', '.join(s.model_id for s in specs)}) but "
-                f"{len(weights)} weights were given"
+                f"{len(weights) or 'no'} weights were given"
             )
         for spec, given in zip(specs, weights, strict=True):
             if given.model_id != spec.model_id:
