@@ -186,8 +186,8 @@ def batched_rate(pipe, args, devices: list[str], router, batch: int, slots: list
                 steps=args.steps,
                 guidance_scale=5.0,
                 seed=first_seed + i,
-                slot=slots[i % len(slots)],
-                scale=1.0,
+                slots=(slots[i % len(slots)],),
+                scales=(1.0,),
             )
             for i in range(batch)
         ]

@@ -299,6 +299,14 @@ class Settings(BaseSettings):
     max_adapter_scale: float = Field(
         2.0, gt=0, le=100, description="Upper bound of `adapter_scale` (0 renders the base model)."
     )
+    max_adapters_per_request: int = Field(
+        3,
+        ge=1,
+        le=256,
+        description="Adapters one render may combine (`adapters` list); at most "
+        "max_adapters_per_replica, since every one of them takes a pipeline slot (left unset, "
+        "it is lowered to max_adapters_per_replica when that is below 3).",
+    )
     # --- batched rendering (continuous batching in each replica) ------------------------------
     max_batch_images: int = Field(
         8,
@@ -686,6 +694,20 @@ class Settings(BaseSettings):
                     f"{self.ray_min_worker_port}-{self.ray_max_worker_port} "
                     "(ray_min_worker_port / ray_max_worker_port); move one of them"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _request_adapters_fit_a_replica(self) -> Settings:
+        if self.max_adapters_per_request <= self.max_adapters_per_replica:
+            return self
+        if "max_adapters_per_request" not in self.model_fields_set:  # the default: fit it
+            self.max_adapters_per_request = self.max_adapters_per_replica
+        else:
+            raise ValueError(
+                f"max_adapters_per_request={self.max_adapters_per_request} is above "
+                f"max_adapters_per_replica={self.max_adapters_per_replica}: a render's adapters "
+                "must all fit in one replica's pipeline slots; lower the first or raise the second"
+            )
         return self
 
     @model_validator(mode="after")

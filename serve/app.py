@@ -164,7 +164,13 @@ class DiffusionReplica:
         self._waiting += 1
         self.queue_depth.set(self._waiting)
         try:
-            weights = None if job.adapter is None else await self._weights_for(job.adapter)
+            routed = serve.get_multiplexed_model_id()
+            if job.adapter is not None and routed != job.adapter.model_id:
+                # The ingress always sets both from one resolution.
+                raise RuntimeError(
+                    f"request routed for {routed!r} carries adapter {job.adapter.model_id!r}"
+                )
+            weights = [await self._weights_for(spec) for spec in job.adapters]
             timeout = self.render_timeout_s
             deadline = None if timeout is None else time.monotonic() + timeout
             # Cancelling this coroutine (the caller went away) cancels the engine's future,
@@ -206,9 +212,9 @@ class DiffusionReplica:
             rendering.cancel()
 
     async def _weights_for(self, spec: AdapterSpec) -> AdapterWeights:
-        routed = serve.get_multiplexed_model_id()
-        if routed != spec.model_id:  # the ingress always sets both from one resolution
-            raise RuntimeError(f"request routed for {routed!r} carries adapter {spec.model_id!r}")
+        """The adapter's weights through Serve's multiplexer (which loads it if need be). A
+        job that combines several adapters was routed by its first one; the others load here
+        through the same multiplexer, so they count against the same LRU and show in routing."""
         tier = self.cache_hits if self.engine.has_adapter(spec.model_id) else self.cache_misses
         tier.inc(tags={"tier": "pipeline"})
         if len(self._specs) >= _MAX_SPECS:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -235,26 +234,38 @@ class ImageService:
 
     async def _resolve(
         self, tenant_id: str, req: ImageGenerationRequest, render_id: str
-    ) -> AdapterSpec | None:
-        """The concrete adapter version render `render_id` uses for the adapter the request
-        names (404 if the tenant has no such); a canary splits by the render id."""
-        parsed = self.limits.adapter(req)
-        if parsed is None:
-            return None
+    ) -> tuple[AdapterSpec, ...]:
+        """The concrete adapter versions render `render_id` uses for the adapters the request
+        names, in its order: 404 if the tenant has no such brand, whichever entry names it
+        (another tenant's brand is "no such"); 400 if two entries resolve to the same version.
+        A canary splits each brand's production reference by the render id."""
+        parsed = self.limits.adapters(req)
+        if not parsed:
+            return ()
         if self.adapters is None:
-            raise InvalidField("adapter", "this server renders the base model only")
-        ref, scale = parsed
-        try:
-            return await self.pools.registry.run(
-                self.adapters.resolve, tenant_id, ref, scale, render_id
-            )
-        except AdapterNotFound as e:
-            raise APIError(404, str(e), param="adapter", code="adapter_not_found") from None
-        except RegistryError as e:
-            log.error("resolving adapter %s failed: %s", ref, e)
-            raise registry_unavailable() from None
-        except AdapterLoadError as e:
-            raise e.as_api_error() from None
+            raise InvalidField(parsed[0][0], "this server renders the base model only")
+        specs: list[AdapterSpec] = []
+        for field, ref, scale in parsed:
+            try:
+                spec = await self.pools.registry.run(
+                    self.adapters.resolve, tenant_id, ref, scale, render_id
+                )
+            except AdapterNotFound as e:
+                raise APIError(404, str(e), param=field, code="adapter_not_found") from None
+            except RegistryError as e:
+                log.error("resolving adapter %s failed: %s", ref, e)
+                raise registry_unavailable() from None
+            except AdapterLoadError as e:
+                raise e.as_api_error() from None
+            twin = next((s for s in specs if s.model_id == spec.model_id), None)
+            if twin is not None:
+                raise InvalidField(
+                    field,
+                    f"{spec.ref!r} and {twin.ref!r} are both {spec.brand} version "
+                    f"{spec.version}; list each adapter version once with its scale",
+                )
+            specs.append(spec)
+        return tuple(specs)
 
     async def _render(self, job: RenderJob) -> list[RenderedImage]:
         try:
@@ -310,8 +321,8 @@ class ImageService:
         # The render id is drawn first: a canary assigns the render by it.
         render_id = secrets.token_hex(12)
         async with self._slot(tenant_id, len(job.seeds)) as admission:
-            adapter = await self._resolve(tenant_id, req, render_id)
-            job = dataclasses.replace(job, adapter=adapter)
+            job = job.with_adapters(await self._resolve(tenant_id, req, render_id))
+            adapter = job.adapter
             images = await self._render_in_turn(tenant_id, job)
             near: list[dict | None] = [None] * len(images)
             if self.near_duplicates is not None:  # a block (422) stores and charges nothing
@@ -359,6 +370,7 @@ class ImageService:
             model=self.limits.model.id,
             data=data,
             adapter=adapter.describe() if adapter else None,
+            adapters=[spec.describe() for spec in job.adapters],
             output_format=req.output_format,
             origin=origin,
         )
@@ -373,7 +385,7 @@ class ImageService:
         await self._moderate(tenant_id, req)
         if self.tenant_limits is not None:
             await self.tenant_limits.check_stored_bytes(tenant_id)
-        return dataclasses.replace(job, adapter=await self._resolve(tenant_id, req, render_id))
+        return job.with_adapters(await self._resolve(tenant_id, req, render_id))
 
     async def store_images(
         self,

@@ -38,10 +38,11 @@ class EngineRenderer:
                 self.host.put(weights)
             return weights
 
+    async def _all_weights(self, job: RenderJob) -> list[AdapterWeights]:
+        return [await asyncio.to_thread(self._weights, spec) for spec in job.adapters]
+
     async def render(self, job: RenderJob) -> list[RenderedImage]:
-        weights = None
-        if job.adapter is not None:
-            weights = await asyncio.to_thread(self._weights, job.adapter)
+        weights = await self._all_weights(job)
         return await asyncio.to_thread(self.engine.generate, job, weights)
 
     async def render_progress(
@@ -49,9 +50,7 @@ class EngineRenderer:
     ) -> list[RenderedImage]:
         """`render`, calling `on_progress(done, total)` (image-steps) on this event loop as the
         engine steps. Cancelling it makes the job's rows leave the engine's batch."""
-        weights = None
-        if job.adapter is not None:
-            weights = await asyncio.to_thread(self._weights, job.adapter)
+        weights = await self._all_weights(job)
         loop = asyncio.get_running_loop()
 
         def report(done: int, total: int) -> None:  # the engine thread

@@ -78,6 +78,7 @@ class OutputEncoder:
         if hide_adapter or tenant in self.hide_adapter_tenants:
             params.pop("adapter", None)
             params.pop("adapter_scale", None)
+            params.pop("adapters", None)
         payload = watermark.payload_for(render_id, index)
         rgb = np.asarray(rendered.convert("RGB"))
         marked = watermark.embed(rgb, payload)

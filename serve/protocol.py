@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -44,6 +44,17 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 STRICT_BODY = ConfigDict(extra="forbid", strict=True)
 
 
+class AdapterEntry(BaseModel):
+    """One adapter of a render that combines several (`adapters`)."""
+
+    model_config = STRICT_BODY
+
+    adapter: Text = Field(
+        description="The tenant's brand adapter: `acme`, `acme@staging` or `acme:3`."
+    )
+    scale: float = Field(1.0, description="Its strength, 0..max_adapter_scale (default 1).")
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of `POST /v1/images/generations`. Unknown fields are refused, not ignored."""
 
@@ -70,6 +81,12 @@ class ImageGenerationRequest(BaseModel):
     )
     adapter_scale: float | None = Field(
         None, description="Strength of the adapter, 0..max_adapter_scale (default 1; 0 = base)."
+    )
+    adapters: list[AdapterEntry] | None = Field(
+        None,
+        description="Several of the tenant's adapters combined in one render, each with its "
+        "own scale, up to max_adapters_per_request; instead of `adapter`. The order does not "
+        "change the pixels; the first one routes the request to a replica.",
     )
     moderation: Literal["auto", "low"] | None = Field(
         None,
@@ -159,11 +176,22 @@ class RenderJob:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
-    adapter: AdapterSpec | None = None
+    adapter: AdapterSpec | None = None  # the first (or only) adapter: it routes the job
+    #: The other adapters of a render that combines several (`adapters`), in request order.
+    extra_adapters: tuple[AdapterSpec, ...] = ()
     source: SourceImage | None = None  # an edit: start from this image (and mask)
     mixes: tuple[RowMix, ...] | None = None  # per image: mixed prompts, interpolated noise
     #: Recorded in each PNG's metadata: where the render came from (source_render, ...).
     origin: tuple[tuple[str, str | int | float | None], ...] = ()
+
+    @property
+    def adapters(self) -> tuple[AdapterSpec, ...]:
+        """Every adapter of the render, the routing one first."""
+        return ((self.adapter,) if self.adapter else ()) + self.extra_adapters
+
+    def with_adapters(self, specs: tuple[AdapterSpec, ...]) -> RenderJob:
+        """This job with the resolved adapters (the first routes it; none: the base model)."""
+        return replace(self, adapter=specs[0] if specs else None, extra_adapters=tuple(specs[1:]))
 
 
 @dataclass(frozen=True)
@@ -182,6 +210,7 @@ class RenderLimits:
     max_steps: int
     max_guidance_scale: float
     max_adapter_scale: float = 2.0
+    max_adapters: int = 1  # per request (`adapters`)
 
     @classmethod
     def from_settings(cls, settings: Settings, model: BaseModelInfo) -> RenderLimits:
@@ -192,6 +221,7 @@ class RenderLimits:
             max_steps=settings.max_steps,
             max_guidance_scale=settings.max_guidance_scale,
             max_adapter_scale=settings.max_adapter_scale,
+            max_adapters=settings.max_adapters_per_request,
         )
 
     def _size(self, size: str | None) -> tuple[int, int]:
@@ -211,6 +241,53 @@ class RenderLimits:
                 )
         return w, h
 
+    def adapters(self, req: ImageGenerationRequest) -> list[tuple[str, AdapterRef, float]]:
+        """Every adapter the request names, as (field, parsed reference, scale), in request
+        order: one from `adapter`, several from `adapters`, none for the base model. 400 for a
+        bad reference or scale, both fields set, too many adapters, or one named twice."""
+        entries = getattr(req, "adapters", None)  # edits build requests without the field
+        if entries is None:
+            single = self.adapter(req)
+            return [] if single is None else [("adapter", *single)]
+        if req.adapter is not None or req.adapter_scale is not None:
+            field = "adapter" if req.adapter is not None else "adapter_scale"
+            raise InvalidField(
+                field,
+                f"{field} and adapters are both set; name one adapter with `adapter` or several "
+                "with `adapters`",
+            )
+        if not entries:
+            raise InvalidField("adapters", "adapters is empty; leave it out for the base model")
+        if len(entries) > self.max_adapters:
+            raise InvalidField(
+                "adapters",
+                f"adapters names {len(entries)} adapters; the limit is {self.max_adapters} "
+                "(max_adapters_per_request)",
+            )
+        parsed: list[tuple[str, AdapterRef, float]] = []
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            try:
+                ref = AdapterRef.parse(entry.adapter)
+            except ValueError as e:
+                raise InvalidField(f"adapters.{i}.adapter", str(e)) from None
+            if str(ref) in seen:
+                raise InvalidField(
+                    f"adapters.{i}.adapter",
+                    f"adapter {str(ref)!r} is listed twice (adapters[{seen[str(ref)]}] and "
+                    f"adapters[{i}]); list each adapter once with its scale",
+                )
+            seen[str(ref)] = i
+            self._check_scale(f"adapters.{i}.scale", entry.scale)
+            parsed.append((f"adapters.{i}.adapter", ref, entry.scale))
+        return parsed
+
+    def _check_scale(self, field: str, scale: float) -> None:
+        if not 0 <= scale <= self.max_adapter_scale:  # NaN fails this too
+            raise InvalidField(
+                field, f"{field} must be between 0 and {self.max_adapter_scale}, got {scale}"
+            )
+
     def adapter(self, req: ImageGenerationRequest) -> tuple[AdapterRef, float] | None:
         """The parsed adapter reference and scale, or None for the base model (400 if bad)."""
         if req.adapter is None:
@@ -224,11 +301,7 @@ class RenderLimits:
         except ValueError as e:
             raise InvalidField("adapter", str(e)) from None
         scale = 1.0 if req.adapter_scale is None else req.adapter_scale
-        if not 0 <= scale <= self.max_adapter_scale:  # NaN fails this too
-            raise InvalidField(
-                "adapter_scale",
-                f"adapter_scale must be between 0 and {self.max_adapter_scale}, got {scale}",
-            )
+        self._check_scale("adapter_scale", scale)
         return ref, scale
 
     def check(
@@ -280,7 +353,7 @@ class RenderLimits:
                 "(set output_format, or leave output_compression out)",
             )
         width, height = self._size(req.size)
-        self.adapter(req)
+        self.adapters(req)
         if req.seed is None:
             rng = rng or secrets.SystemRandom()
             seeds = tuple(rng.randint(0, MAX_SEED) for _ in range(req.n))
@@ -322,6 +395,7 @@ class ImagesResponse:
     model: str
     data: list[ImageData] = field(default_factory=list)
     adapter: dict | None = None  # `AdapterSpec.describe()` of the version used, or None
+    adapters: list[dict] = field(default_factory=list)  # every adapter used, in request order
     output_format: str = "png"
     origin: RenderOrigin | None = None  # the stored render an operation started from
 
@@ -331,6 +405,7 @@ class ImagesResponse:
             "created": self.created,
             "model": self.model,
             "adapter": self.adapter,
+            "adapters": self.adapters,
             "output_format": self.output_format,
             "data": [d.to_dict() for d in self.data],
         }

@@ -101,6 +101,7 @@ def job_of(data: dict) -> RenderJob:
             **data,
             "seeds": tuple(data["seeds"]),
             "adapter": AdapterSpec(**adapter) if adapter else None,
+            "extra_adapters": tuple(AdapterSpec(**a) for a in data.get("extra_adapters", ())),
         }
     )
 
@@ -211,6 +212,7 @@ class RenderService:
     def render_object(self, task: RenderTask, position: int | None, with_data: bool = True) -> dict:
         result = task.result or {}
         adapter = task.request["job"].get("adapter")
+        extra = task.request["job"].get("extra_adapters", [])
         return {
             "id": task.id,
             "object": "render",
@@ -225,6 +227,9 @@ class RenderService:
             "attempts": task.attempts,
             "model": self.images.limits.model.id,
             "adapter": AdapterSpec(**adapter).describe() if adapter else None,
+            "adapters": [
+                AdapterSpec(**a).describe() for a in ([adapter] if adapter else []) + extra
+            ],
             "webhook_url": task.webhook_url,
             "error": {"message": task.error, "code": task.error_code, "param": None}
             if task.error

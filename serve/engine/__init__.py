@@ -8,10 +8,11 @@ boxes without Ray use it directly. The parts: `scheduler` (which rows run at the
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from PIL import Image
 from registry.base_models import BaseModelInfo, load_pipeline, select_device
 from serve.adapter_cache import AdapterWeights
 from serve.engine import denoise
-from serve.engine.adapters import BASE, AdapterSlots
+from serve.engine.adapters import AdapterSlots
 from serve.engine.scheduler import BatchScheduler, Row
 from serve.engine.sources import edit_metadata, overlay
 from serve.image_formats import encode_image
@@ -49,7 +50,7 @@ class RenderDeadlineExceeded(TimeoutError):
 @dataclass(eq=False)
 class _Request:
     job: RenderJob
-    weights: AdapterWeights | None
+    weights: list[AdapterWeights]  # one per adapter of the job (`RenderJob.adapters`)
     future: Future
     deadline: float | None  # time.monotonic() seconds
     images: list[RenderedImage | None] = field(default_factory=list)
@@ -200,25 +201,36 @@ class DiffusionEngine:
     def submit(
         self,
         job: RenderJob,
-        weights: AdapterWeights | None = None,
+        weights: AdapterWeights | Sequence[AdapterWeights] | None = None,
         deadline: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> Future:
         """Queue every image of the job; the future resolves to its `RenderedImage`s in seed
         order. Cancelling the future makes its rows leave the batch at the next step; past
         `deadline` (a `time.monotonic()` value) they leave too and the future fails with
-        `RenderDeadlineExceeded`. A job with an adapter needs its `weights`. `on_progress`
-        is called from the engine thread after each step with (image-steps done, total)."""
-        spec = job.adapter
-        if spec is not None and weights is None:
-            raise ValueError(f"job names adapter {spec.model_id} but no weights were given")
-        if spec is not None and weights.model_id != spec.model_id:
-            raise ValueError(f"weights of {weights.model_id} given for {spec.model_id}")
+        `RenderDeadlineExceeded`. A job with adapters needs their `weights`, one per adapter
+        in `job.adapters` order (a job with one adapter may pass them bare). A job combining
+        more adapters than the pipeline has slots raises ValueError. `on_progress` is called
+        from the engine thread after each step with (image-steps done, total)."""
+        if isinstance(weights, AdapterWeights):
+            weights = [weights]
+        weights = list(weights or ())
+        specs = job.adapters
+        if len(weights) != len(specs):
+            raise ValueError(
+                f"job names {len(specs)} adapters ({', '.join(s.model_id for s in specs)}) but "
+                f"{len(weights) or 'no'} weights were given"
+            )
+        for spec, given in zip(specs, weights, strict=True):
+            if given.model_id != spec.model_id:
+                raise ValueError(f"weights of {given.model_id} given for {spec.model_id}")
+        if len({spec.model_id for spec in specs}) != len(specs):
+            raise ValueError("job names an adapter version twice")
         request = _Request(job, weights, Future(), deadline, [None] * len(job.seeds), on_progress)
         now = time.monotonic()
         group = (self.model.id, job.height, job.width, type(self.pipeline.scheduler).__name__)
-        adapter = spec.model_id if spec is not None else None
-        rows = [Row(request, i, group, adapter, now) for i in range(len(job.seeds))]
+        adapters = tuple(spec.model_id for spec in specs)
+        rows = [Row(request, i, group, adapters, now) for i in range(len(job.seeds))]
         with self._queue:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -230,7 +242,7 @@ class DiffusionEngine:
         return request.future
 
     def generate(
-        self, job: RenderJob, weights: AdapterWeights | None = None
+        self, job: RenderJob, weights: AdapterWeights | Sequence[AdapterWeights] | None = None
     ) -> list[RenderedImage]:
         """Render every image of the job and wait for them (`submit(...).result()`)."""
         return self.submit(job, weights).result()
@@ -315,28 +327,31 @@ class DiffusionEngine:
 
         now = time.monotonic()
         # Pin what is loaded first, so that loading another adapter cannot evict it.
-        pinned: set[int] = set()
+        pinned: dict[int, list[str]] = {id(row): [] for row in admitted}
         for row in admitted:
-            if row.adapter is not None and self.slots.has(row.adapter):
-                self.slots.pin(row.adapter)
-                pinned.add(id(row))
+            for adapter in row.adapters:
+                if self.slots.has(adapter):
+                    self.slots.pin(adapter)
+                    pinned[id(row)].append(adapter)
         with self._queue:
             in_use = self._scheduler.adapters_running()
         self.slots.drain_releases(keep=in_use)
         for row in admitted:
             request: _Request = row.request
+            held = pinned[id(row)]
             try:
                 if request.over:
                     raise _Left
-                if row.adapter is not None and id(row) not in pinned:
-                    self.slots.ensure_loaded(request.weights, request.job.adapter)
-                    self.slots.pin(row.adapter)
-                    pinned.add(id(row))
+                for spec, weights in zip(request.job.adapters, request.weights, strict=True):
+                    if spec.model_id not in held:
+                        self.slots.ensure_loaded(weights, spec)
+                        self.slots.pin(spec.model_id)
+                        held.append(spec.model_id)
                 with torch.inference_mode():
                     row.state = self._row_state(request.job, row.index)
             except Exception as e:  # noqa: BLE001 - fails this request only
-                if id(row) in pinned:
-                    self.slots.unpin(row.adapter)
+                for adapter in held:
+                    self.slots.unpin(adapter)
                 if not isinstance(e, _Left):
                     self._fail(request, e)
                 continue
@@ -352,11 +367,13 @@ class DiffusionEngine:
             self._release_row(row)
 
     def _row_state(self, job: RenderJob, index: int) -> denoise.RowState:
-        spec = job.adapter
         mix = job.mixes[index] if job.mixes else None
-        scale = spec.scale if spec else 0.0
-        if spec and mix is not None and mix.adapter_scale is not None:
-            scale = mix.adapter_scale
+        scales = {spec.model_id: spec.scale for spec in job.adapters}
+        if job.adapter and mix is not None and mix.adapter_scale is not None:
+            scales[job.adapter.model_id] = mix.adapter_scale
+        # The deltas add up in model-id order, whatever order the request listed them in, so
+        # the pixels do not depend on it (floating-point sums are not associative).
+        ordered = sorted(scales)
         return denoise.start_row(
             self.pipeline,
             self.slots.router,
@@ -367,8 +384,8 @@ class DiffusionEngine:
             steps=job.steps,
             guidance_scale=job.guidance_scale,
             seed=job.seeds[index],
-            slot=self.slots.slot_name(spec.model_id) if spec else BASE,
-            scale=scale,
+            slots=tuple(self.slots.slot_name(model_id) for model_id in ordered),
+            scales=tuple(scales[model_id] for model_id in ordered),
             source=job.source,
             mix=mix,
         )
@@ -433,9 +450,10 @@ class DiffusionEngine:
                 request.future.set_result(list(request.images))
 
     def _release_row(self, row: Row) -> None:
-        """A row left the batch: unpin its adapter and drop its state."""
-        if isinstance(row.state, denoise.RowState) and row.adapter is not None:
-            self.slots.unpin(row.adapter)
+        """A row left the batch: unpin its adapters and drop its state."""
+        if isinstance(row.state, denoise.RowState):
+            for adapter in row.adapters:
+                self.slots.unpin(adapter)
         row.state = None
 
     @staticmethod
@@ -458,6 +476,12 @@ class DiffusionEngine:
             "base_model_revision": self.model.revision,
             "adapter": f"{spec.brand}:{spec.version}" if spec else None,
             "adapter_scale": spec.scale if spec else None,
+            # Every adapter of a render that combines several: version and scale of each.
+            "adapters": json.dumps(
+                [{"adapter": f"{a.brand}:{a.version}", "scale": a.scale} for a in job.adapters]
+            )
+            if job.extra_adapters
+            else None,
         }
         meta.update(edit_metadata(job, index))
         return RenderedImage(png=encode_png(image, meta), seed=seed)

@@ -199,7 +199,7 @@ class AdapterSlots:
 
 
 class LoraRouter:
-    """Routes each row of a forward pass to its own adapter and scale.
+    """Routes each row of a forward pass to its own adapters and scales.
 
     peft's LoRA layers take `adapter_names` (one per row) and then add each adapter's delta
     only to its rows (`_mixed_batch_forward`). As peft's own `generate(adapter_names=...)` does
@@ -210,14 +210,23 @@ class LoraRouter:
     `scale * lora_alpha / r` (peft's `set_scale` formula). A row's arithmetic is then exactly
     the solo path's `lora_B(lora_A(x)) * scaling` (times 1.0, which is exact).
 
+    A row may combine several adapters. Its adapters are laid out in *lanes*: lane 0 holds
+    each row's first adapter and goes through peft as above; lane j holds each row's j-th
+    adapter (or none), and a forward hook on the LoRA layer adds those deltas after peft's,
+    computed the way peft computes one (`lora_B(lora_A(x[rows]))` over that adapter's rows of
+    the lane, scaled per row by the same `lora_B` hook). The caller lists a row's adapters in
+    a canonical order (the engine sorts them by model id), so the sum is the same whatever
+    order a request listed them in, bit for bit.
+
     Inside `invariant.batch_invariant()` the sub-batch products are batch-invariant too, so a
     delta does not depend on how many rows share its adapter (`serve.engine.denoise.step`).
     """
 
     def __init__(self, pipeline) -> None:  # noqa: ANN001 - a diffusers pipeline
         self.pipeline = pipeline
-        self._names: list[str] | None = None
-        self._scales: list[float] | None = None
+        self._lanes: list[list[str]] | None = None  # lane -> one slot name per row
+        self._lane_scales: list[list[float]] | None = None
+        self._lane = 0  # the lane whose `lora_B` calls run now
         self._layers: list = []  # the pipeline's LoRA layers, as of the last `refresh`
 
     def _lora_layers(self) -> Iterator:
@@ -238,6 +247,7 @@ class LoraRouter:
         for layer in self._layers:
             if not getattr(layer, _ROUTED, False):
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+                layer.register_forward_hook(self._add_lanes)
                 setattr(layer, _ROUTED, True)
             for slot, lora_b in layer.lora_B.items():
                 if not getattr(lora_b, _ROUTED, False):
@@ -245,35 +255,66 @@ class LoraRouter:
                     setattr(lora_b, _ROUTED, True)
 
     @contextmanager
-    def routing(self, names: list[str], scales: list[float]):
-        """Within the block, row i of every LoRA layer's input uses adapter slot `names[i]`
-        (`BASE` for none) at `scales[i]`."""
-        if len(names) != len(scales):
-            raise ValueError("one scale per row")
-        self._names, self._scales = list(names), list(scales)
+    def routing(self, names: list[tuple[str, ...]], scales: list[tuple[float, ...]]):
+        """Within the block, row i of every LoRA layer's input adds the deltas of adapter slots
+        `names[i]` (empty for the base model), in that order, at `scales[i]`."""
+        if len(names) != len(scales) or any(
+            len(n) != len(s) for n, s in zip(names, scales, strict=True)
+        ):
+            raise ValueError("one scale per adapter of each row")
+        depth = max((len(n) for n in names), default=0)
+        self._lanes = [[n[j] if j < len(n) else BASE for n in names] for j in range(max(depth, 1))]
+        self._lane_scales = [
+            [s[j] if j < len(s) else 0.0 for s in scales] for j in range(max(depth, 1))
+        ]
+        used = {slot for row in names for slot in row}
         held: list[tuple] = []
         try:
             for layer in self._layers:
-                for slot in set(names) & set(layer.scaling):
+                for slot in used & set(layer.scaling):
                     held.append((layer, slot, layer.scaling[slot]))
                     layer.scaling[slot] = 1.0
             yield
         finally:
             for layer, slot, value in held:
                 layer.scaling[slot] = value
-            self._names = self._scales = None
+            self._lanes = self._lane_scales = None
+            self._lane = 0
 
     def _pre_forward(self, module, args, kwargs):  # noqa: ANN001 - torch hook signature
-        if self._names is not None:
-            kwargs["adapter_names"] = self._names
+        if self._lanes is not None:
+            kwargs["adapter_names"] = self._lanes[0]
         return args, kwargs
+
+    def _add_lanes(self, layer, args, output):  # noqa: ANN001, ANN202 - torch hook signature
+        """Add the deltas of lanes 1.. to peft's output (lane 0), as `_mixed_batch_forward`
+        computes one: over each adapter's rows, `lora_B(lora_A(dropout(x)))`."""
+        if self._lanes is None or len(self._lanes) < 2:
+            return output
+        x = args[0]
+        try:
+            for lane in range(1, len(self._lanes)):
+                self._lane = lane
+                names = self._lanes[lane]
+                for slot in dict.fromkeys(names):
+                    if slot == BASE or slot not in layer.lora_A:
+                        continue
+                    rows = [i for i, n in enumerate(names) if n == slot]
+                    lora_a = layer.lora_A[slot]
+                    sub = x[rows].to(lora_a.weight.dtype)
+                    delta = layer.lora_B[slot](lora_a(layer.lora_dropout[slot](sub)))
+                    output[rows] += (delta * layer.scaling[slot]).to(output.dtype)
+        finally:
+            self._lane = 0
+        return output
 
     def _scale_rows(self, layer, slot: str):  # noqa: ANN001 - a peft LoraLayer
         def hook(module, inputs, output):  # noqa: ANN001 - torch hook signature
-            if self._names is None:
+            if self._lanes is None:
                 return output
-            # peft feeds lora_B the rows of `slot` in their batch order.
-            scales = [s for n, s in zip(self._names, self._scales, strict=True) if n == slot]
+            # peft (and `_add_lanes`) feed lora_B the rows of `slot` in their batch order.
+            names, row_scales = self._lanes[self._lane], self._lane_scales[self._lane]
+            scales = [s for n, s in zip(names, row_scales, strict=True) if n == slot]
             if len(scales) != output.shape[0]:
                 raise RuntimeError(f"{len(scales)} scales for {output.shape[0]} rows of {slot}")
             for scale in dict.fromkeys(scales):

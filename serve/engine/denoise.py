@@ -4,7 +4,7 @@ components (text encoder, UNet, scheduler, VAE).
 A row is one image. It carries everything a solo `pipeline(...)` call would hold for it: its
 prompt embeddings, its own scheduler instance and timesteps (rows may differ in step count and
 join at any step), its latents drawn from its own CPU generator, its guidance scale, and its
-adapter slot and scale. Every per-row operation below is the one `StableDiffusionPipeline`
+adapter slots and scales. Every per-row operation below is the one `StableDiffusionPipeline`
 does for a batch of one, so a row renders the pixels of the solo call; only the UNet runs over
 the whole batch (see docs/architecture.md for where that holds bit for bit).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.engine import sources
-from serve.engine.adapters import BASE, LoraRouter
+from serve.engine.adapters import LoraRouter
 from serve.engine.invariant import batch_invariant
 
 
@@ -32,8 +32,8 @@ class RowState:
     latents: Any
     generator: Any
     step_kwargs: dict = field(default_factory=dict)
-    slot: str = BASE
-    scale: float = 0.0
+    slots: tuple[str, ...] = ()  # its adapters' slots, in the order their deltas add up
+    scales: tuple[float, ...] = ()
     index: int = 0  # the next timestep to run
     keep: sources.SourceLatents | None = None  # inpainting: what to keep outside the mask
 
@@ -67,8 +67,8 @@ def start_row(
     steps: int,
     guidance_scale: float,
     seed: int,
-    slot: str = BASE,
-    scale: float = 0.0,
+    slots: tuple[str, ...] = (),
+    scales: tuple[float, ...] = (),
     source=None,  # noqa: ANN001 - serve.protocol.SourceImage: an edit's image, mask, strength
     mix=None,  # noqa: ANN001 - serve.protocol.RowMix: mixed prompts, interpolated noise
 ) -> RowState:
@@ -84,13 +84,13 @@ def start_row(
 
     device = pipeline._execution_device
     cfg = guided(pipeline, guidance_scale)
-    # The text encoder's LoRA layers (if the adapter has any) see this row's adapter.
+    # The text encoder's LoRA layers (if the adapters have any) see this row's adapters.
     if mix is not None and mix.prompts:
         prompt_embeds, negative_embeds = sources.mixed_embeddings(
-            pipeline, router, mix.prompts, negative_prompt, cfg, slot, scale
+            pipeline, router, mix.prompts, negative_prompt, cfg, slots, scales
         )
     else:
-        with router.routing([slot], [scale]):
+        with router.routing([slots], [scales]):
             prompt_embeds, negative_embeds = pipeline.encode_prompt(
                 prompt, device, 1, cfg, negative_prompt
             )
@@ -124,8 +124,8 @@ def start_row(
         latents=latents,
         generator=generator,
         step_kwargs=pipeline.prepare_extra_step_kwargs(generator, 0.0),
-        slot=slot,
-        scale=scale,
+        slots=slots,
+        scales=scales,
         keep=keep,
     )
 
@@ -139,11 +139,11 @@ def step(
     """Advance every row by one of its own timesteps.
 
     One UNet call runs all rows (a guided row is two UNet rows), and each row uses its own
-    adapter (peft's per-adapter sub-batches). With `invariant`, the call computes every row
-    batch-invariantly: its products, the adapters' sub-batch products included, run through
-    `invariant.batch_invariant`, and a call of one row is padded to two. A row's result is then
-    bit-identical however many rows share its call and whoever they are (docs/architecture.md,
-    "Pixel identity").
+    adapters (peft's per-adapter sub-batches, `LoraRouter`'s lanes). With `invariant`, the
+    call computes every row batch-invariantly: its products, the adapters' sub-batch products
+    included, run through `invariant.batch_invariant`, and a call of one row is padded to two.
+    A row's result is then bit-identical however many rows share its call and whoever they are
+    (docs/architecture.md, "Pixel identity").
     """
     import torch
 
@@ -157,8 +157,8 @@ def step(
         else:
             embeds.append(row.prompt_embeds)
         times.extend([t] * row.width)
-        names.extend([row.slot] * row.width)
-        scales.extend([row.scale] * row.width)
+        names.extend([row.slots] * row.width)
+        scales.extend([row.scales] * row.width)
     sample, hidden, timestep = torch.cat(inputs), torch.cat(embeds), torch.stack(times)
     real = sample.shape[0]
     if invariant and real == 1:  # a lone UNet row takes other kernels than two or more

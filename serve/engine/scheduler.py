@@ -8,7 +8,9 @@ batch between steps (as Orca and vLLM do for tokens). The rules, in order:
   the base model, the image size, the scheduler type). A row of another group waits until the
   running batch has drained, then starts the next batch.
 - **Adapter slots.** The distinct adapters of a batch never exceed `max_adapters` (the
-  pipeline's slots); rows with no adapter need none. A row that would need one more waits.
+  pipeline's slots); a row needs one slot per adapter it combines that the batch does not hold
+  yet (none for the base model). A row that would need more waits; one that combines more
+  adapters than there are slots can never run, and is refused by `add`.
 - **Order.** Admission is first come, first served: the first waiting row that cannot join
   stops the rows behind it from joining, so a row of a rare size or a new adapter is never
   starved by a stream of rows that could have joined.
@@ -25,12 +27,12 @@ from typing import Any
 @dataclass(eq=False)
 class Row:
     """One image waiting or running. `request` and `state` are the engine's; the scheduler reads
-    only `group`, `adapter` and `enqueued_at`."""
+    only `group`, `adapters` and `enqueued_at`."""
 
     request: Any
     index: int
     group: Hashable
-    adapter: str | None
+    adapters: tuple[str, ...]  # the adapter ids it combines (none: the base model)
     enqueued_at: float
     state: Any = field(default=None, repr=False)
 
@@ -50,13 +52,20 @@ class BatchScheduler:
         self.running: list[Row] = []
 
     def add(self, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        for row in rows:
+            if len(set(row.adapters)) > self.max_adapters:
+                raise ValueError(
+                    f"a row combines {len(set(row.adapters))} adapters; this pipeline has "
+                    f"{self.max_adapters} adapter slots"
+                )
         self.waiting.extend(rows)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def adapters_running(self) -> set[str]:
-        return {row.adapter for row in self.running if row.adapter is not None}
+        return {adapter for row in self.running for adapter in row.adapters}
 
     def admit(self) -> list[Row]:
         """Move the rows that join at the next step from the queue to the batch; return them."""
@@ -69,17 +78,12 @@ class BatchScheduler:
             row = self.waiting[0]
             if row.group != group:
                 break
-            if (
-                row.adapter is not None
-                and row.adapter not in adapters
-                and len(adapters) >= self.max_adapters
-            ):
+            if len(adapters | set(row.adapters)) > self.max_adapters:
                 break
             self.waiting.popleft()
             self.running.append(row)
             admitted.append(row)
-            if row.adapter is not None:
-                adapters.add(row.adapter)
+            adapters.update(row.adapters)
         return admitted
 
     def finish(self, rows: Iterable[Row]) -> None:

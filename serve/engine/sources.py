@@ -60,14 +60,14 @@ def mixed_embeddings(
     prompts: tuple[tuple[str, float], ...],
     negative_prompt: str | None,
     guided: bool,
-    slot: str,
-    scale: float,
+    slots: tuple[str, ...],
+    scales: tuple[float, ...],
 ):  # noqa: ANN201 - (prompt_embeds, negative_embeds)
     """Text embeddings of weighted prompts, mixed linearly (an interpolation's lerp, a blend's
     weighted mean); the negative embeddings are the negative prompt's, as for one prompt."""
     device = pipeline._execution_device
     mixed = negative = None
-    with router.routing([slot], [scale]):
+    with router.routing([slots], [scales]):
         for prompt, weight in prompts:
             embeds, neg = pipeline.encode_prompt(prompt, device, 1, guided, negative_prompt)
             mixed = weight * embeds if mixed is None else mixed + weight * embeds

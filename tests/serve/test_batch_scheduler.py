@@ -11,7 +11,8 @@ LARGE = ("m", 64, 64, "DDIM")
 
 
 def rows(request: str, n: int = 1, adapter: str | None = None, group=SMALL) -> list[Row]:
-    return [Row(request, i, group, adapter, 0.0) for i in range(n)]
+    adapters = () if adapter is None else tuple(adapter.split("+"))
+    return [Row(request, i, group, adapters, 0.0) for i in range(n)]
 
 
 def names(batch: list[Row]) -> list[tuple[str, int]]:
@@ -56,9 +57,31 @@ def test_distinct_adapters_never_exceed_the_slots_and_base_rows_need_none():
     assert s.adapters_running() == {"x", "y"}
     # "e" needs a third adapter: it waits, and "f" behind it waits too (first come, first served).
     assert s.admit() == []
-    s.finish([r for r in s.running if r.adapter == "y"])
+    s.finish([r for r in s.running if r.adapters == ("y",)])
     assert names(s.admit()) == [("e", 0), ("f", 0)]
     assert s.adapters_running() == {"x", "z"}
+
+
+def test_a_row_combining_adapters_needs_a_slot_for_each_the_batch_does_not_hold():
+    s = BatchScheduler(max_batch_images=8, max_adapters=3)
+    s.add(rows("a", adapter="x+y") + rows("b", adapter="y") + rows("c", adapter="x+y+z"))
+    s.add(rows("d", adapter="w") + rows("e"))
+    # x, y, z fill the three slots; "d" needs a fourth and waits, "e" behind it too.
+    assert names(s.admit()) == [("a", 0), ("b", 0), ("c", 0)]
+    assert s.adapters_running() == {"x", "y", "z"}
+    assert s.admit() == []
+    s.finish([r for r in s.running if "z" in r.adapters])
+    assert names(s.admit()) == [("d", 0), ("e", 0)]  # x, y, w
+    assert s.adapters_running() == {"x", "y", "w"}
+    s.add(rows("f", adapter="x+w"))  # needs nothing new: joins a full set of slots
+    assert names(s.admit()) == [("f", 0)]
+
+
+def test_a_row_combining_more_adapters_than_slots_is_refused():
+    s = BatchScheduler(max_batch_images=8, max_adapters=2)
+    with pytest.raises(ValueError, match="3 adapters"):
+        s.add(rows("a", adapter="x+y+z"))
+    assert len(s) == 0
 
 
 def test_drop_removes_waiting_and_running_rows_and_returns_the_running_ones():
