@@ -19,11 +19,25 @@ pytestmark = pytest.mark.e2e
 def test_credentials_file_is_private(farm):
     creds = farm.stack.credentials_file
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
-    assert set(json.loads(creds.read_text())) == {"s3_access_key", "s3_secret_key"}
+    # The embedded store's keys and the farm key that seals tenants' webhook secrets.
+    assert set(json.loads(creds.read_text())) == {
+        "s3_access_key",
+        "s3_secret_key",
+        "encryption_keys",
+    }
+    # The alias webhook's signing secret and the key MLflow seals stored webhook secrets with.
+    webhook_keys = farm.stack.webhook_keys_file
+    assert stat.S_IMODE(webhook_keys.stat().st_mode) == 0o600
+    assert set(json.loads(webhook_keys.read_text())) == {"mlflow_webhook_secret", "encryption_key"}
     # What fine-tune jobs read instead of getting secrets in their Ray runtime env.
     secrets = farm.settings.resolved_secrets_file
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
-    assert set(json.loads(secrets.read_text())) == {"s3_access_key", "s3_secret_key"}
+    assert set(json.loads(secrets.read_text())) == {
+        "s3_access_key",
+        "s3_secret_key",
+        "encryption_keys",
+        "mlflow_webhook_secret",
+    }
 
 
 def test_cli_status_and_second_up_is_idempotent(farm):
