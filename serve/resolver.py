@@ -58,23 +58,27 @@ class AdapterResolver:
         self._aliases: LRUCache[tuple[str, str, str], tuple[float, int, Canary | None]] = LRUCache(
             _MAX_ENTRIES
         )
+        # Alias answers invalidated since they were fetched: never served fresh again, but still
+        # the last answer there is while MLflow cannot be reached (within `stale_s`).
+        self._invalidated: set[tuple[str, str, str]] = set()
         # Bumped by every invalidation: a lookup that raced one does not store its answer.
         self._generation = 0
         self._lock = threading.Lock()
 
     def invalidate(self, tenant: str, brand: str) -> None:
-        """Forget the alias answers (canary included) of `tenant`'s `brand`: the next request
-        asks MLflow."""
+        """Expire the alias answers (canary included) of `tenant`'s `brand`: the next request
+        asks MLflow. An expired answer is kept only as the outage fallback (`stale_s`), as one
+        past its TTL is: a change that reaches the farm just before MLflow goes down must not
+        stop a brand in use from rendering."""
         with self._lock:
             self._generation += 1
-            for key in [k for k in self._aliases if k[0] == tenant and k[1] == brand]:
-                del self._aliases[key]
+            self._invalidated.update(k for k in self._aliases if k[0] == tenant and k[1] == brand)
 
     def invalidate_all(self) -> None:
-        """Forget every alias answer (events were missed: a poller fell too far behind)."""
+        """Expire every alias answer (events were missed: a poller fell too far behind)."""
         with self._lock:
             self._generation += 1
-            self._aliases.clear()
+            self._invalidated.update(self._aliases.keys())
 
     def resolve(
         self, tenant: str, ref: AdapterRef, scale: float, render_id: str | None = None
@@ -111,7 +115,8 @@ class AdapterResolver:
         with self._lock:
             hit = self._aliases.get(key)
             generation = self._generation
-        if hit is not None and now - hit[0] < self.ttl_s:
+            fresh = hit is not None and key not in self._invalidated and now - hit[0] < self.ttl_s
+        if fresh:
             return hit[1], hit[2]
         try:
             version, _ = self._lookup(tenant, ref)
@@ -131,6 +136,9 @@ class AdapterResolver:
         with self._lock:
             if generation == self._generation:  # else an alias moved during the lookup
                 self._aliases[key] = (now, version, canary)
+                self._invalidated.discard(key)
+            # Keys the LRU dropped need no mark (bounded like the cache it marks).
+            self._invalidated.intersection_update(self._aliases.keys())
         return version, canary
 
     def _lookup(self, tenant: str, ref: AdapterRef) -> tuple[int, tuple[str, str, str]]:

@@ -103,6 +103,28 @@ def test_registry_down_serves_the_last_alias_answer_for_stale_s_only(setup):
         resolver.resolve("t", AdapterRef.parse("acme@staging"), 1.0)
 
 
+def test_an_invalidated_alias_asks_mlflow_but_still_serves_through_an_outage(setup):
+    """An invalidation (an alias event) makes the next request ask MLflow at once, inside the
+    TTL; if MLflow is down by then, the invalidated answer is still the outage fallback (an
+    event that arrives just before MLflow dies must not stop a brand in use)."""
+    registry, clock, resolver = setup
+    assert resolver.resolve("t", AdapterRef.parse("acme"), 1.0).version == 1
+    registry.aliases[("acme", "production")] = 3
+    resolver.invalidate("t", "acme")
+    assert resolver.resolve("t", AdapterRef.parse("acme"), 1.0).version == 3  # inside the TTL
+    calls = registry.calls
+    assert resolver.resolve("t", AdapterRef.parse("acme"), 1.0).version == 3
+    assert registry.calls == calls  # fresh again: cached
+    resolver.invalidate("t", "acme")
+    resolver.invalidate_all()
+    registry.up = False
+    clock.now = 30.0
+    assert resolver.resolve("t", AdapterRef.parse("acme"), 1.0).version == 3
+    clock.now = 61.0
+    with pytest.raises(RegistryError):
+        resolver.resolve("t", AdapterRef.parse("acme"), 1.0)
+
+
 def test_not_found_is_never_cached(setup):
     registry, clock, resolver = setup
     with pytest.raises(AdapterNotFound):
