@@ -40,6 +40,9 @@ def farm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         # Above the bursts below, so that only the limit under test refuses.
         max_inflight_per_tenant=32,
         max_steps=1000,
+        # Fewer than the async burst below: one dispatcher cannot claim all of it at once, so
+        # both replicas' dispatchers take some (with 16, one poll could take the lot).
+        render_queue_concurrency=4,
     )
     stack = LocalStack(settings)
     try:
