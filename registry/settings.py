@@ -243,7 +243,7 @@ class Settings(BaseSettings):
         30.0, gt=0, le=3600, description="Timeout of each S3 read (between bytes), seconds."
     )
     s3_max_retries: int = Field(
-        2, ge=0, le=10, description="Retries of an S3 call on connection errors and 502-504."
+        2, ge=0, le=10, description="Retries of an S3 call on connection errors and 500/502-504."
     )
     registry_io_threads: int = Field(
         8, ge=1, le=256, description="Ingress threads for MLflow registry calls (own pool)."

@@ -67,8 +67,11 @@ def _client(
         raise ValueError(f"invalid S3 endpoint {endpoint!r}")
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=timeouts.connect_s, read=timeouts.read_s),
+        # S3 asks clients to retry 500 InternalError ("please try again"); `rclone serve s3`
+        # answers it now and then to concurrent PUTs. urllib3 retries only idempotent methods
+        # (GET, HEAD, PUT, DELETE), so a multipart POST is never sent twice.
         retries=urllib3.Retry(
-            total=timeouts.retries, backoff_factor=0.2, status_forcelist=[502, 503, 504]
+            total=timeouts.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),
         maxsize=16,
     )
