@@ -423,7 +423,17 @@ class RenderQueueStore:
             return []
         c = RenderTaskRow
         claimable = (c.status == "queued") & (c.lease_owner.is_(None) | (c.lease_owner == owner))
+        locking = room is not None and self.engine.dialect.name == "sqlite"
+        if locking:  # a cheap look first, so an empty poll never takes the writer lock
+            with Session(self.engine) as s:
+                if s.scalar(select(c.id).where(claimable).limit(1)) is None:
+                    return []
         with Session(self.engine) as s, s.begin():
+            if locking:
+                # The room checks read the tenant's in-flight renders before this claim writes;
+                # SQLite's writer lock from the first statement keeps a sync admission from
+                # committing in between (Postgres: `room` locks the tenant's row).
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
             candidates = s.execute(
                 select(c.id, c.tenant_id, c.sync)
                 .where(claimable)

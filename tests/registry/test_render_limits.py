@@ -288,3 +288,35 @@ def test_async_renders_reserve_quota_from_enqueue_and_count_in_flight_while_runn
     assert queue.succeed(kept.id, "d1", {"images": []}, "m")
     assert limiter.quota_used("acme") == 2 and limiter.inflight("acme") == 0
     assert tenants.images_in_last_hour("acme") == 2
+
+
+def test_a_claim_racing_a_sync_admission_never_exceeds_the_in_flight_cap(tenants):
+    """The claim counts the tenant's in-flight renders, then takes one; a synchronous admission
+    of the same tenant trying to commit in between must wait for the claim (SQLite: the claim
+    holds the writer lock; Postgres: the tenant's row lock). Cap 1: one of them wins."""
+    tenants.create_tenant("acme")
+    tenants.set_limits("acme", max_inflight_renders=1)
+    limiter = limiter_for(tenants)
+    queue = RenderQueueStore(tenants.engine)
+    queue.enqueue("acme", "fast", {"job": {}}, 1, 2, 1.0, None)
+    outcome: dict = {}
+
+    def admit() -> None:
+        try:
+            outcome["admitted"] = limiter.admit("acme", 1, max_inflight=None)
+        except AdmissionRefused as e:
+            outcome["refused"] = e
+
+    racer = threading.Thread(target=admit)
+
+    def room(s, tenant_id):  # noqa: ANN001, ANN202
+        left = limiter.room(s, tenant_id, None)
+        racer.start()
+        racer.join(timeout=1.0)  # an admission not kept out commits here
+        return left
+
+    claimed = queue.claim("d1", 60, 1, room=room)
+    racer.join(timeout=60)
+    assert not racer.is_alive()
+    assert len(claimed) + ("admitted" in outcome) == 1, outcome
+    assert limiter.inflight("acme") == 1
