@@ -243,6 +243,10 @@ class LocalStack:
                 "AWS_ACCESS_KEY_ID": s.s3_access_key.get_secret_value(),
                 "AWS_SECRET_ACCESS_KEY": s.s3_secret_key.get_secret_value(),
                 "AWS_DEFAULT_REGION": s.s3_region,
+                # MLflow 3's server jobs (GenAI judges, prompt optimisation) start a job runner
+                # and seven Huey consumers: ~35 s of CPU at every start and ~1.4 GB of memory,
+                # for features the farm never calls. Webhooks do not use them.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 **self._mlflow_webhook_env(s),
             }
         )

@@ -330,7 +330,7 @@ def test_many_brands_keep_memory_flat_and_metrics_count_every_tier(hs):
 
     rng = np.random.default_rng(7)
     weights = 1.0 / np.arange(1, len(big) + 1) ** 1.1  # Zipf-like: a few hot brands
-    sequence = [big[i] for i in rng.choice(len(big), size=300, p=weights / weights.sum())]
+    sequence = [big[i] for i in rng.choice(len(big), size=160, p=weights / weights.sum())]
 
     def run(brands: list[str]) -> None:
         for b in brands:
@@ -345,8 +345,8 @@ def test_many_brands_keep_memory_flat_and_metrics_count_every_tier(hs):
     run(sequence[40:])
     rss_end = proc.memory_info().rss
     growth_mb = (rss_end - rss_start) / 2**20
-    print(f"replica RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB over 260 requests")
-    # A leak of one adapter per miss would be ~1-2 MiB each (>100 misses here).
+    print(f"replica RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB over 120 requests")
+    # A leak of one adapter per miss would be ~1-2 MiB each (74 pipeline and 47 host misses).
     assert growth_mb < 40, f"RSS grew {growth_mb:.0f} MiB"
 
     # What the replica must have counted in the measured part, replayed on the same LRUs.
@@ -369,7 +369,7 @@ def test_many_brands_keep_memory_flat_and_metrics_count_every_tier(hs):
         time.sleep(2)
     print(f"tier counts (pipeline hit/miss, host hit/miss): {got}")
     assert got == expected
-    assert after.get(("ray_brandfarm_renders", hs.tenant), 0) >= 260
+    assert after.get(("ray_brandfarm_renders", hs.tenant), 0) >= 120
     assert any(k[0].startswith("ray_brandfarm_adapter_load_seconds") for k in after)
     assert ("ray_brandfarm_replica_queue_depth", "") in after
 

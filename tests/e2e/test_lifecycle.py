@@ -54,6 +54,18 @@ def test_cli_status_and_second_up_is_idempotent(farm):
     assert {c.name: c.pid for c in farm.stack.status()} == pids
 
 
+def test_mlflow_runs_without_its_server_job_workers(farm):
+    """MLflow 3 starts a job runner and Huey consumers for its GenAI server jobs unless told not
+    to: seconds of CPU at every start and ~1.4 GB of memory the farm never uses."""
+    import psutil
+
+    pid = farm.stack.component("mlflow").recorded_pid()
+    assert pid is not None
+    tree = [" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
+    assert tree, "the MLflow server's own workers"
+    assert not [c for c in tree if "huey" in c or "_job_runner" in c], tree
+
+
 def test_down_then_up_finds_objects_tenants_and_runs(farm, tmp_path):
     key = farm.new_tenant("persist-co")
     with farm.http(key) as c:
